@@ -1,0 +1,122 @@
+"""The command line stages on a tiny model: outputs, round trips, and one clear error per bad input."""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import wanda_core as wc
+from tiny_models import save_tiny
+from wanda_core.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny("llama", tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    import pydoc_data.topics
+
+    path = tmp_path_factory.mktemp("data") / "topics.txt"
+    path.write_text("\n".join(list(pydoc_data.topics.topics.values())[:40]))
+    return path
+
+
+def run(*args):
+    return main([str(a) for a in args])
+
+
+def test_calibrate_prune_eval_roundtrip(tmp_path, tiny_dir, corpus):
+    calib = tmp_path / "calib.safetensors"
+    assert run("calibrate", "--model", tiny_dir, "--data", corpus, "--nsamples", 4, "--seqlen", 64, "--out", calib) == 0
+    windows = wc.load_windows(calib)
+    assert windows.shape == (4, 64)
+
+    pruned = tmp_path / "pruned.safetensors"
+    stats = tmp_path / "stats.parquet"
+    assert run("prune", "--model", tiny_dir, "--method", "sparsegpt", "--pattern", "2:4", "--calibration", calib,
+               "--out", pruned, "--stats", stats, "--report", tmp_path / "report.json", "--quiet") == 0
+    import pandas as pd
+
+    df = pd.read_parquet(stats)
+    assert set(df.columns) >= {"layer", "block", "rows", "cols", "sparsity", "seconds", "method", "pattern"}
+    assert (df["sparsity"] == 0.5).all() and len(df) == 14
+
+    # The file reproduces exactly the weights of pruning in memory (SparseGPT updates included).
+    model, _ = wc.load_model(tiny_dir, device="cpu")
+    wc.prune(model, "sparsegpt", "2:4", calibration=windows, progress=False)
+    fresh, _ = wc.load_model(tiny_dir, device="cpu")
+    assert wc.load_pruned(fresh, pruned) == 14
+    for a, b in zip(wc.all_targets(model), wc.all_targets(fresh)):
+        assert torch.equal(a.weight(), b.weight()), a.name
+
+    # Masks alone re-applied to the dense model give the same zeros but the dense values.
+    dense, _ = wc.load_model(tiny_dir, device="cpu")
+    original = [t.weight().clone() for t in wc.all_targets(dense)]
+    wc.apply_masks(dense, pruned)
+    for t, w, p in zip(wc.all_targets(dense), original, wc.all_targets(fresh)):
+        assert torch.equal(t.weight() == 0, p.weight() == 0)
+        assert torch.equal(t.weight()[t.weight() != 0], w[t.weight() != 0])
+
+    out = tmp_path / "ppl.json"
+    assert run("eval-ppl", "--model", tiny_dir, "--pruned", pruned, "--data", corpus, "--seqlen", 64,
+               "--max-windows", 3, "--out", out, "--quiet") == 0
+    import json
+
+    result = json.loads(out.read_text())
+    assert math.isfinite(result["perplexity"]) and result["perplexity"] > 1
+    assert run("sparsity", "--model", tiny_dir, "--pruned", pruned, "--out", tmp_path / "s.json") == 0
+    assert json.loads((tmp_path / "s.json").read_text())["overall"] == pytest.approx(0.5)
+
+
+def test_perplexity_matches_hf_loss(tiny_dir):
+    model, _ = wc.load_model(tiny_dir, device="cpu")
+    ids = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(0))
+    windows = ids[:192].reshape(3, 64)
+    with torch.no_grad():
+        losses = [model(w[None], labels=w[None]).loss.item() for w in windows]
+    expected = math.exp(sum(losses) / 3)  # equal window sizes: mean of means is the token mean
+    assert wc.perplexity(model, ids, seqlen=64, batch_size=2, progress=False) == pytest.approx(expected, rel=1e-5)
+    assert wc.perplexity(model, ids, seqlen=64, max_windows=1, progress=False) == pytest.approx(math.exp(losses[0]), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    (root / "empty.txt").write_text("\n \n")
+    (root / "short.txt").write_text("a few words only")
+    (root / "broken.gguf").write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 20)
+    from transformers import T5Config
+
+    T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=64).save_pretrained(root / "t5")
+    return root
+
+
+@pytest.mark.parametrize("case,args,message", [
+    ("unknown method", ["prune", "--method", "lottery"], "unknown method 'lottery'"),
+    ("bad pattern", ["prune", "--method", "wanda", "--pattern", "4:4"], "N:M pattern needs 0 < N < M"),
+    ("sparsity 1", ["prune", "--method", "wanda", "--sparsity", "1.0"], "sparsity must be in [0, 1)"),
+    ("negative sparsity", ["prune", "--method", "magnitude", "--sparsity", "-0.5"], "sparsity must be in [0, 1)"),
+    ("bad option", ["prune", "--method", "wanda", "--param", "alpha=2"], "has no option 'alpha'"),
+    ("missing model", ["eval-ppl", "--model", "./no/such/model", "--data", "{corpus}"], "model source not found: ./no/such/model"),
+    ("truncated gguf", ["eval-ppl", "--model", "{bad}/broken.gguf", "--data", "{corpus}"], "cannot load"),
+    ("encoder-decoder", ["eval-ppl", "--model", "{bad}/t5", "--data", "{corpus}"], "encoder-decoder"),
+    ("empty corpus", ["calibrate", "--model", "{tiny}", "--data", "{bad}/empty.txt"], "data file is empty"),
+    ("seqlen > corpus", ["calibrate", "--model", "{tiny}", "--data", "{bad}/short.txt", "--seqlen", "64"], "too few for windows of seqlen=64"),
+    ("nsamples 0", ["calibrate", "--model", "{tiny}", "--data", "{corpus}", "--nsamples", "0"], "nsamples must be at least 1"),
+    ("seqlen > model", ["eval-ppl", "--model", "{tiny}", "--data", "{corpus}", "--seqlen", "4096"], "longer than the model supports (512)"),
+])
+def test_bad_input_one_error_line_no_output(case, args, message, tmp_path, tiny_dir, corpus, bad_inputs):
+    out = tmp_path / "out" / "result.safetensors"
+    args = [a.format(corpus=corpus, bad=bad_inputs, tiny=tiny_dir) for a in args]
+    if args[0] == "prune":
+        args += ["--model", str(tiny_dir), "--calibration", str(tmp_path / "none.safetensors")]
+    proc = subprocess.run([sys.executable, "-m", "wanda_core", *args, "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.parent.exists() or not any(out.parent.iterdir())

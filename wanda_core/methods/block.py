@@ -1,0 +1,20 @@
+"""Block pruning: the least important fraction of b x b blocks (mean Wanda score) is zeroed.
+
+The fraction is the pattern's sparsity.
+"""
+from . import MatrixResult
+from .wanda import score
+from ..block_masks import block_mask
+from ..errors import WandaError
+
+NAME = "block"
+STATS = "sqnorm"
+PARAMS = {"block_size": 16}
+PATTERNS = ("unstructured",)
+
+
+def prune_matrix(weight, stats, pattern, block_size=16) -> MatrixResult:
+    if pattern.kind not in PATTERNS:
+        raise WandaError(f"method {NAME!r} does not support pattern {pattern}")
+    keep, counts = block_mask(score(weight, stats), pattern.sparsity, b=block_size)
+    return MatrixResult(keep=keep, info={"blocks_dense": counts["dense"], "blocks_zeroed": counts["zeroed"]})

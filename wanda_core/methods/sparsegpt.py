@@ -1,0 +1,76 @@
+"""SparseGPT: one-shot pruning with OBS weight updates (Frantar & Alistarh, 2023).
+
+H = (2/N) sum x x^T; columns are processed left to right in blocks; inside a block, each
+pruned weight's error is spread over the not-yet-processed columns through the upper Cholesky
+factor of H^-1, and the block's accumulated error is applied to all later columns at once.
+"""
+import torch
+
+from . import MatrixResult
+from ..errors import WandaError
+
+NAME = "sparsegpt"
+STATS = "hessian"
+PARAMS = {"blocksize": 128, "percdamp": 0.01}
+PATTERNS = ("unstructured", "nm")
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, count: int, weight: torch.Tensor, percdamp: float):
+    """Upper Cholesky factor of (H + damp I)^-1. Zeroes weight columns of dead inputs (in place)."""
+    H = hessian.float() * (2.0 / max(count, 1))
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    weight[:, dead] = 0.0
+    damp = percdamp * torch.mean(torch.diag(H))
+    H.diagonal().add_(damp)
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.cholesky_inverse(L)
+        return torch.linalg.cholesky(Hinv, upper=True)
+    except torch.linalg.LinAlgError as e:
+        raise WandaError(f"SparseGPT: Hessian is not positive definite (raise percdamp): {e}") from None
+
+
+def prune_matrix(weight, stats, pattern, blocksize=128, percdamp=0.01) -> MatrixResult:
+    W = weight  # float32 copy owned by us
+    rows, cols = W.shape
+    if pattern.kind == "nm" and cols % pattern.m:
+        raise WandaError(f"input width {cols} is not divisible by M={pattern.m} for an N:M pattern")
+    if pattern.kind == "nm" and blocksize % pattern.m:
+        raise WandaError(f"SparseGPT blocksize {blocksize} must be a multiple of M={pattern.m}")
+    Hinv = inverse_hessian_factor(stats.hessian, stats.count, W, percdamp)
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diag(Hinv1)
+        Err1 = torch.zeros_like(W1)
+        if pattern.kind == "unstructured":
+            # Exactly int(numel * sparsity) weights of this column block, lowest w^2 / [H^-1]_jj^2.
+            saliency = (W1 * W1 / (d * d).unsqueeze(0)).reshape(-1)
+            k = int(saliency.numel() * pattern.sparsity)
+            mask1 = torch.zeros(saliency.numel(), dtype=torch.bool, device=W.device)
+            if k:
+                mask1[torch.sort(saliency, stable=True).indices[:k]] = True
+            mask1 = mask1.reshape(W1.shape)
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if pattern.kind == "nm" and i % pattern.m == 0:
+                # The N:M choice uses the weights as already updated by earlier columns.
+                g = W1[:, i : i + pattern.m]
+                saliency = g * g / (d[i : i + pattern.m] ** 2).unsqueeze(0)
+                low = torch.sort(saliency, dim=1, stable=True).indices[:, : pattern.m - pattern.n]
+                mask1.scatter_(1, i + low, True)
+            w = W1[:, i]
+            q = w.masked_fill(mask1[:, i], 0.0)
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        pruned[:, i1:i2] = mask1
+    keep = ~pruned
+    return MatrixResult(keep=keep, weight=W * keep)

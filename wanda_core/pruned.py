@@ -1,0 +1,82 @@
+"""Pruned weights in a compact file: per matrix a bit-packed keep-mask and the kept values.
+
+Evaluations load the dense model and apply this file instead of pruning again; the masks alone
+can also be re-applied to a dense model (apply_masks).
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from .errors import WandaError
+from .io import atomic_path
+from .masks import pack_mask, unpack_mask
+from .model import all_targets
+
+
+def save_pruned(model, path, masks: dict | None = None, metadata: dict | None = None) -> None:
+    """Write mask + kept values of every pruned matrix. `masks`: packed masks from prune(keep_masks=True);
+    without them the mask is taken as the non-zero pattern of the weights."""
+    from safetensors.torch import save_file
+
+    tensors, shapes = {}, {}
+    for t in all_targets(model):
+        w = t.weight().detach()
+        packed = masks[t.name] if masks is not None else pack_mask(w != 0)
+        keep = unpack_mask(packed, tuple(w.shape)).to(w.device)
+        tensors[f"{t.name}.mask"] = packed
+        tensors[f"{t.name}.values"] = w[keep].cpu().contiguous()
+        shapes[t.name] = list(w.shape)
+    meta = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in (metadata or {}).items()}
+    meta["shapes"] = json.dumps(shapes)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def _read(path):
+    from safetensors import safe_open
+
+    try:
+        f = safe_open(str(path), framework="pt")
+        return f, json.loads(f.metadata()["shapes"])
+    except FileNotFoundError:
+        raise WandaError(f"pruned-weights file not found: {path}") from None
+    except Exception as e:
+        raise WandaError(f"cannot read pruned-weights file {path}: {e}") from None
+
+
+def read_metadata(path) -> dict:
+    f, _ = _read(path)
+    return dict(f.metadata())
+
+
+def _apply(model, path, with_values: bool) -> int:
+    f, shapes = _read(path)
+    targets = {t.name: t for t in all_targets(model)}
+    missing = sorted(set(shapes) ^ set(targets))
+    if missing:
+        raise WandaError(f"pruned-weights file {path} does not match the model (layer {missing[0]})")
+    with torch.no_grad():
+        for name, t in targets.items():
+            w = t.weight()
+            if list(w.shape) != shapes[name]:
+                raise WandaError(f"pruned-weights file {path}: {name} has shape {shapes[name]}, the model {list(w.shape)}")
+            keep = unpack_mask(f.get_tensor(f"{name}.mask"), tuple(w.shape)).to(w.device)
+            if with_values:
+                new = torch.zeros_like(w)
+                new[keep] = f.get_tensor(f"{name}.values").to(w.device, w.dtype)
+            else:
+                new = w.masked_fill(~keep, 0)
+            t.set_weight(new)
+    return len(targets)
+
+
+def load_pruned(model, path) -> int:
+    """Replace every pruned matrix of the dense `model` by the file's weights; returns how many."""
+    return _apply(model, path, with_values=True)
+
+
+def apply_masks(model, path) -> int:
+    """Zero the weights the file's masks drop, keeping the model's own values (no SparseGPT update)."""
+    return _apply(model, path, with_values=False)
