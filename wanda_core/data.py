@@ -87,3 +87,58 @@ def load_windows(path) -> torch.Tensor:
     if windows.dim() != 2:
         raise WandaError(f"calibration file {path}: input_ids must be [nsamples, seqlen], got {tuple(windows.shape)}")
     return windows
+
+
+def pydoc_topics(part: str) -> list[str]:
+    """A corpus that ships with Python itself: the standard library's pydoc topic texts.
+
+    Every fourth topic (sorted by name) is the evaluation part, the rest the calibration part.
+    """
+    import pydoc_data.topics
+
+    items = sorted(pydoc_data.topics.topics.items())
+    if part not in ("calibration", "evaluation"):
+        raise WandaError(f"pydoc corpus part must be 'calibration' or 'evaluation', got {part!r}")
+    return [text for i, (_, text) in enumerate(items) if (i % 4 == 3) == (part == "evaluation")]
+
+
+def hub_records(spec: dict) -> list[str]:
+    """Text records of a Hugging Face data set (needs the 'datasets' package and the network)."""
+    try:
+        import datasets
+    except ImportError:
+        raise WandaError("a hub data set needs the 'datasets' package: pip install datasets") from None
+    try:
+        ds = datasets.load_dataset(spec["hub"], spec.get("name"), split=spec.get("split", "train"),
+                                   data_files=spec.get("data_files"))
+    except Exception as e:
+        raise WandaError(f"cannot load data set {spec['hub']}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    texts = ds[spec.get("field", "text")]
+    return texts[: spec["max_records"]] if spec.get("max_records") else texts
+
+
+def prepare_dataset(spec: dict, out) -> int:
+    """Materialize a data set once as JSONL records ({"text": ...}); returns the record count.
+
+    spec: {"path": local .txt/.jsonl/.parquet} | {"pydoc": "calibration"|"evaluation"} | {"hub": id, ...}.
+    read_corpus() of the result equals read_corpus() of a local source.
+    """
+    if "path" in spec:
+        path = Path(spec["path"])
+        if not path.is_file():
+            raise WandaError(f"data file not found: {path}")
+        text = read_corpus(path, join="\x00")  # validates the file; records are split back below
+        records = text.split("\x00")
+    elif "pydoc" in spec:
+        records = pydoc_topics(spec["pydoc"])
+    elif "hub" in spec:
+        records = hub_records(spec)
+    else:
+        raise WandaError(f"data set spec needs one of 'path', 'pydoc' or 'hub', got {sorted(spec)}")
+    if not "".join(records).strip():
+        raise WandaError(f"data set is empty: {spec}")
+    with atomic_path(out) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps({"text": r}, ensure_ascii=False) + "\n")
+    return len(records)

@@ -49,12 +49,18 @@ def parse_pattern(pattern: str, sparsity: float | None = None) -> Pattern:
 
 
 def _prune_lowest(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep-mask over the last dim that drops the k lowest scores of each row (stable order)."""
-    keep = torch.ones_like(score, dtype=torch.bool)
+    """Keep-mask over the last dim that drops the k lowest scores of each row.
+
+    Selection by kthvalue (linear time, no full sort); among scores equal to the k-th,
+    the lower indices are dropped first, so the result is exact and deterministic.
+    """
     if k <= 0:
-        return keep
-    order = torch.sort(score, dim=-1, stable=True).indices[..., :k]
-    return keep.scatter_(-1, order, False)
+        return torch.ones_like(score, dtype=torch.bool)
+    kth = torch.kthvalue(score, k, dim=-1, keepdim=True).values
+    below = score < kth
+    tied = score == kth
+    need = k - below.sum(-1, keepdim=True)
+    return ~(below | (tied & (tied.cumsum(-1) <= need)))
 
 
 def unstructured_row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:

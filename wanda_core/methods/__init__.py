@@ -77,4 +77,14 @@ def check_params(method, pattern: Pattern, params: dict) -> dict:
         raise WandaError(f"method {method.NAME!r} has no option {sorted(unknown)[0]!r} (options: {allowed})")
     if pattern.kind not in method.PATTERNS:
         raise WandaError(f"method {method.NAME!r} does not support pattern {pattern}")
-    return {**method.PARAMS, **params}
+    params = {**method.PARAMS, **params}
+    # Bad option values (fractions not summing to 1, k >= b*b, ...) fail here, on a small matrix,
+    # rather than after a model has been loaded and calibrated.
+    cols = 16 * (pattern.m or 4)
+    dummy = torch.rand(16, cols, generator=torch.Generator().manual_seed(0))
+    stats = Stats.uniform(cols, method.STATS) if method.STATS else None
+    try:
+        method.prune_matrix(dummy, stats, pattern, **params)
+    except TypeError as e:
+        raise WandaError(f"method {method.NAME!r}: bad options {params}: {e}") from None
+    return params

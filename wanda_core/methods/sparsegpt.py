@@ -8,6 +8,7 @@ import torch
 
 from . import MatrixResult
 from ..errors import WandaError
+from ..masks import nm_mask, unstructured_matrix_mask
 
 NAME = "sparsegpt"
 STATS = "hessian"
@@ -48,21 +49,14 @@ def prune_matrix(weight, stats, pattern, blocksize=128, percdamp=0.01) -> Matrix
         Err1 = torch.zeros_like(W1)
         if pattern.kind == "unstructured":
             # Exactly int(numel * sparsity) weights of this column block, lowest w^2 / [H^-1]_jj^2.
-            saliency = (W1 * W1 / (d * d).unsqueeze(0)).reshape(-1)
-            k = int(saliency.numel() * pattern.sparsity)
-            mask1 = torch.zeros(saliency.numel(), dtype=torch.bool, device=W.device)
-            if k:
-                mask1[torch.sort(saliency, stable=True).indices[:k]] = True
-            mask1 = mask1.reshape(W1.shape)
+            mask1 = ~unstructured_matrix_mask(W1 * W1 / (d * d).unsqueeze(0), pattern.sparsity)
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
             if pattern.kind == "nm" and i % pattern.m == 0:
                 # The N:M choice uses the weights as already updated by earlier columns.
                 g = W1[:, i : i + pattern.m]
-                saliency = g * g / (d[i : i + pattern.m] ** 2).unsqueeze(0)
-                low = torch.sort(saliency, dim=1, stable=True).indices[:, : pattern.m - pattern.n]
-                mask1.scatter_(1, i + low, True)
+                mask1[:, i : i + pattern.m] = ~nm_mask(g * g / (d[i : i + pattern.m] ** 2).unsqueeze(0), pattern.n, pattern.m)
             w = W1[:, i]
             q = w.masked_fill(mask1[:, i], 0.0)
             err = (w - q) / Hinv1[i, i]

@@ -1,0 +1,23 @@
+# wanda-bench: model x method x pattern, pruned and evaluated in cached stages.
+# Run: snakemake --cores all            (GPU box: --resources gpu=4; cluster: --profile profiles/slurm)
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/resources.smk"
+include: "workflow/rules/calibrate.smk"
+include: "workflow/rules/prune.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/aggregate.smk"
+
+
+rule all:
+    input:
+        "results/benchmark.parquet",
+        "results/tables/perplexity.md",
+    default_target: True

@@ -1,0 +1,205 @@
+"""The Snakemake workflow: grid sizes, lint, a real end-to-end run, incremental reruns, GPU slots, bad configs."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tiny_models import save_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def smk(workdir, config, *args, timeout=900, env=None):
+    """Run Snakemake on the repository's Snakefile in `workdir` with `config` (bounded in time)."""
+    cfg = Path(workdir) / "config.yaml"
+    if not isinstance(config, (str, Path)):
+        cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+        config = cfg
+    lock = Path(workdir) / ".snakemake" / "locks"
+    if lock.exists():
+        for f in lock.iterdir():
+            f.unlink()
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(config), "--cores", "2", *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def job_counts(proc) -> dict:
+    """Job counts per rule from a dry run's 'Job stats' table ({} when there is nothing to do)."""
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = proc.stdout + proc.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text.split("Job stats:")[1].split("\n\n")[0]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", table, flags=re.M))
+    return {k: int(v) for k, v in counts.items() if k != "total"}
+
+
+def job_models(proc) -> set:
+    return set(re.findall(r"wildcards: model=([\w.-]+)", proc.stdout + proc.stderr))
+
+
+@pytest.fixture(scope="module")
+def tiny_sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sources")
+    return {arch: save_tiny(arch, root / f"tiny-{arch}") for arch in ("llama", "gpt2", "opt")}
+
+
+def test_dry_run_grid_sizes(tmp_path):
+    demo = job_counts(smk(tmp_path / "demo", ROOT / "config" / "config.yaml", "-n"))
+    # 1 model; magnitude, wanda, sparsegpt at 2 patterns + three_tier; dense needs no pruning.
+    assert demo == {"materialize_model": 1, "prepare_dataset": 2, "calibrate": 1, "prune": 7, "perplexity": 8,
+                    "aggregate": 1, "all": 1}
+    paper = job_counts(smk(tmp_path / "paper", ROOT / "config" / "paper.yaml", "-n"))
+    # 15 models (LLaMA-1, LLaMA-2, OPT) x (3 methods x 3 patterns + three_tier) prunes, + dense for evaluation.
+    assert paper == {"materialize_model": 15, "prepare_dataset": 2, "calibrate": 15, "prune": 150,
+                     "perplexity": 165, "aggregate": 1, "all": 1}
+
+
+def test_lint_is_clean(tmp_path):
+    proc = smk(tmp_path, ROOT / "config" / "config.yaml", "--lint")
+    assert proc.returncode == 0 and "Congratulations" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def base_config(tiny_sources, **extra):
+    config = {
+        "models": {"tiny-llama": {"source": str(tiny_sources["llama"]), "group": "Tiny", "label": "Tiny-LLaMA"}},
+        "methods": {"dense": {"method": "dense", "label": "Dense"}, "magnitude": {"method": "magnitude", "label": "Magnitude"}},
+        "patterns": ["unstructured-0.5"],
+        "datasets": {"calib": {"pydoc": "calibration"}, "eval": {"pydoc": "evaluation"}},
+        "calibration": {"dataset": "calib", "nsamples": 4, "seqlen": 64},
+        "evals": {"perplexity": {"datasets": ["eval"], "seqlen": 64, "max_windows": 2}},
+    }
+    config.update(extra)
+    return config
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c["calibration"].update(nsamples="many"), "nsamples"),
+    (lambda c: c["methods"].update(x={"method": "lottery"}), "methods.x: unknown method 'lottery'"),
+    (lambda c: c.update(patterns=["3-3"]), "0 < N < M"),
+    (lambda c: c["methods"].update(t={"method": "three_tier", "params": {"dense": 0.5}}), "must sum to 1"),
+    (lambda c: c["evals"]["perplexity"].update(datasets=["c4"]), "evals.perplexity.datasets: 'c4' is not in datasets"),
+    (lambda c: c["models"]["tiny-llama"].update(gpus=-1), "gpus"),
+])
+def test_bad_config_stops_before_any_job(tmp_path, tiny_sources, change, message):
+    config = base_config(tiny_sources)
+    change(config)
+    proc = smk(tmp_path, config)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory, tiny_sources, smollm2_dir, wikitext):
+    """One real run: a tiny random model and SmolLM2-135M, on WikiText-2."""
+    workdir = tmp_path_factory.mktemp("e2e")
+    config = {
+        "models": {
+            "tiny-llama": {"source": str(tiny_sources["llama"]), "group": "Tiny", "label": "Tiny-LLaMA"},
+            "smollm2-135m": {"source": str(smollm2_dir), "group": "SmolLM2", "label": "SmolLM2-135M", "dtype": "float32"},
+        },
+        "methods": {
+            "dense": {"method": "dense", "label": "Dense"},
+            "magnitude": {"method": "magnitude", "label": "Magnitude"},
+            "wanda": {"method": "wanda", "label": "Wanda", "patterns": ["unstructured-0.5", "2-4"]},
+            "sparsegpt": {"method": "sparsegpt", "label": "SparseGPT"},
+            "three_tier": {"method": "three_tier", "label": "Three-tier"},
+        },
+        "patterns": ["unstructured-0.5"],
+        "datasets": {"wikitext2-valid": {"path": str(wikitext / "valid.txt")},
+                     "wikitext2": {"path": str(wikitext / "test.txt")}},
+        "calibration": {"dataset": "wikitext2-valid", "nsamples": 4, "seqlen": 128, "seed": 0},
+        "evals": {"perplexity": {"datasets": ["wikitext2"], "seqlen": 256, "max_windows": 3, "batch_size": 3}},
+        "published": None,
+    }
+    proc = smk(workdir, config, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return workdir, config, proc
+
+
+def test_end_to_end_results(e2e):
+    workdir, config, proc = e2e
+    df = pd.read_parquet(workdir / "results" / "benchmark.parquet")
+    expected = {"model", "group", "method", "pattern", "target_sparsity", "sparsity", "dataset", "metric", "value",
+                "wanda_core", "torch", "transformers", "lm_eval", "git_commit", "device", "calibration", "seed", "time"}
+    assert expected <= set(df.columns)
+    assert len(df) == 2 * 6  # 2 models x (dense, magnitude, wanda x2, sparsegpt, three_tier)
+    assert df["value"].notna().all() and (df["value"] > 1).all() and (df["status"] == "ok").all()
+    assert set(df["dataset"]) == {"wikitext2"} and set(df["metric"]) == {"perplexity"}
+    pruned = df[~df["method"].isin(["dense", "three_tier"])]
+    assert (pruned["sparsity"].round(4) == 0.5).all() and (pruned["target_sparsity"] == 0.5).all()
+    smol = df[df["model"] == "smollm2-135m"].set_index(["method", "pattern"])["value"]
+    assert smol[("dense", "none")] < smol[("wanda", "unstructured-0.5")] < smol[("magnitude", "unstructured-0.5")]
+    assert smol[("sparsegpt", "unstructured-0.5")] < smol[("magnitude", "unstructured-0.5")]
+
+    table = (workdir / "results" / "tables" / "perplexity.md").read_text()
+    assert "wikitext2 perplexity, unstructured 50%" in table and "2:4" in table and "own structure" in table
+    header = next(line for line in table.splitlines() if line.startswith("| group"))
+    assert header.split("|")[4:-1] == [" Dense ", " Magnitude ", " Wanda ", " SparseGPT "]
+    assert f"{smol[('wanda', 'unstructured-0.5')]:.2f}" in table
+    csv = pd.read_csv(workdir / "results" / "tables" / "perplexity.csv")
+    assert {"group", "model", "source", "Dense", "Wanda", "pattern", "dataset"} <= set(csv.columns)
+    assert (workdir / "results" / "plots" / "perplexity.png").read_bytes()[:4] == b"\x89PNG"
+    layers = pd.read_parquet(workdir / "results" / "pruned" / "smollm2-135m" / "three_tier" / "none.layers.parquet")
+    assert {"layer", "sparsity", "seconds", "tier_dense", "tier_nm", "tier_topk"} <= set(layers.columns)
+    assert len(layers) == 30 * 7
+    assert "Tiny-LLaMA" in proc.stdout  # the tables are printed at the end
+
+
+def test_noop_rerun_does_nothing(e2e):
+    workdir, config, _ = e2e
+    assert job_counts(smk(workdir, config, "-n")) == {}
+    (ROOT / "README.md").touch()  # an unrelated file
+    (workdir / "notes.txt").write_text("unrelated")
+    assert job_counts(smk(workdir, config, "-n")) == {}
+
+
+def test_adding_a_model_runs_only_its_jobs(e2e, tiny_sources):
+    workdir, config, _ = e2e
+    config = json.loads(json.dumps(config))
+    config["models"]["tiny-gpt2"] = {"source": str(tiny_sources["gpt2"]), "group": "Tiny"}
+    proc = smk(workdir, config, "-n")
+    assert job_counts(proc) == {"materialize_model": 1, "calibrate": 1, "prune": 5, "perplexity": 6, "aggregate": 1, "all": 1}
+    assert job_models(proc) == {"tiny-gpt2"}
+
+
+def test_adding_an_evaluation_reruns_no_pruning(e2e, wikitext):
+    workdir, config, _ = e2e
+    config = json.loads(json.dumps(config))
+    config["datasets"]["wikitext2-valid-ppl"] = {"path": str(wikitext / "valid.txt")}
+    config["evals"]["perplexity"]["datasets"].append("wikitext2-valid-ppl")
+    counts = job_counts(smk(workdir, config, "-n"))
+    assert counts == {"prepare_dataset": 1, "perplexity": 12, "aggregate": 1, "all": 1}
+
+
+def test_gpu_slots_are_distinct(tmp_path, tiny_sources):
+    """Pretend there are 4 GPUs: jobs needing 2 each must never share a device, and at most 4 are busy."""
+    config = base_config(tiny_sources)
+    config["models"] = {f"tiny-{arch}": {"source": str(src), "group": "Tiny", "gpus": 2} for arch, src in tiny_sources.items()}
+    config["datasets"]["eval2"] = {"pydoc": "calibration"}
+    config["evals"]["perplexity"]["datasets"] = ["eval", "eval2"]
+    env = {"WANDA_GPUS": "0,1,2,3", "WANDA_GPU_LOCK_DIR": str(tmp_path / "locks")}
+    proc = smk(tmp_path, config, "--cores", "12", "--resources", "gpu=4", timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    jobs = [pd.read_parquet(p).iloc[0].to_dict() for p in (tmp_path / "results" / "ppl").rglob("*.parquet")]
+    jobs += [json.loads(p.read_text()) for p in (tmp_path / "results" / "pruned").rglob("*.json")]
+    assert len(jobs) == 3 * (2 * 2 + 1)
+    spans = [(j["started"], j["finished"], set(j["visible_devices"].split(","))) for j in jobs]
+    assert all(len(d) == 2 and d <= {"0", "1", "2", "3"} for _, _, d in spans)
+    overlapping = 0
+    for i, (s1, e1, d1) in enumerate(spans):
+        for s2, e2, d2 in spans[i + 1:]:
+            if s1 < e2 and s2 < e1:
+                overlapping += 1
+                assert not d1 & d2, (d1, d2)
+    for s, _, _ in spans:  # never more than 4 devices busy at once
+        assert sum(len(d) for s2, e2, d in spans if s2 <= s < e2) <= 4
+    assert overlapping > 0, "no two jobs ran at the same time: the test proved nothing"

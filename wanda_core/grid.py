@@ -1,0 +1,75 @@
+"""The benchmark grid of the workflow: pattern labels, method x pattern expansion, result paths.
+
+Kept in the library (not in the Snakefile) so that it is tested like the rest of the code.
+"""
+from __future__ import annotations
+
+import re
+
+from .errors import WandaError
+from .masks import parse_pattern
+from .methods import check_params, get_method
+
+# Methods whose structure is fixed by their own options: they run once, under the label "none".
+OWN_PATTERN = ("dense", "three_tier", "hybrid_nm")
+
+
+def pattern_args(label: str) -> tuple[str, float]:
+    """A file-name-safe pattern label -> (pattern, sparsity) for wanda_core.prune.
+
+    'unstructured-0.5' -> ('unstructured', 0.5); '2-4' -> ('2:4', 0.5); 'none' -> ('unstructured', 0.0).
+    """
+    if label == "none":
+        return "unstructured", 0.0
+    m = re.fullmatch(r"unstructured-([0-9.]+)", label)
+    if m:
+        return "unstructured", float(m.group(1))
+    m = re.fullmatch(r"(\d+)-(\d+)", label)
+    if m:
+        n, mm = int(m.group(1)), int(m.group(2))
+        return f"{n}:{mm}", 1 - n / mm
+    raise WandaError(f"unknown pattern label {label!r}: use 'unstructured-<sparsity>' (e.g. unstructured-0.5) or '<N>-<M>' (e.g. 2-4)")
+
+
+def pattern_title(label: str) -> str:
+    if label == "none":
+        return "own structure"
+    pattern, sparsity = pattern_args(label)
+    return f"unstructured {sparsity:.0%}" if pattern == "unstructured" else pattern
+
+
+def method_patterns(config: dict, name: str) -> list[str]:
+    spec = config["methods"][name]
+    if spec["method"] in OWN_PATTERN:
+        return ["none"]
+    return list(spec.get("patterns") or config["patterns"])
+
+
+def check_config(config: dict) -> None:
+    """What the JSON schema cannot say: known methods and options, valid patterns, known data sets."""
+    datasets = config.get("datasets", {})
+    for name, spec in config["methods"].items():
+        try:
+            method = get_method(spec["method"])
+            for label in method_patterns(config, name):
+                pattern, sparsity = pattern_args(label)
+                check_params(method, parse_pattern(pattern, None if ":" in pattern else sparsity), dict(spec.get("params", {})))
+        except WandaError as e:
+            raise WandaError(f"config methods.{name}: {e}") from None
+    calib = config["calibration"]["dataset"]
+    if calib not in datasets:
+        raise WandaError(f"config calibration.dataset: {calib!r} is not in datasets ({', '.join(datasets) or 'none'})")
+    for ds in config["evals"]["perplexity"]["datasets"]:
+        if ds not in datasets:
+            raise WandaError(f"config evals.perplexity.datasets: {ds!r} is not in datasets ({', '.join(datasets) or 'none'})")
+
+
+def runs(config: dict) -> list[tuple[str, str, str]]:
+    """Every (model, method, pattern label) of the grid."""
+    return [(model, method, label) for model in config["models"] for method in config["methods"]
+            for label in method_patterns(config, method)]
+
+
+def calibration_id(config: dict) -> str:
+    c = config["calibration"]
+    return f"{c['dataset']}_n{c['nsamples']}_len{c['seqlen']}_seed{c['seed']}"

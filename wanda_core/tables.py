@@ -1,0 +1,170 @@
+"""Aggregation of the workflow's results: one long Parquet table, the paper's tables, a plot."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from .grid import pattern_args, pattern_title
+from .io import atomic_path, write_table
+
+DATASET_TITLES = {"wikitext2": "WikiText-2"}
+
+
+def git_commit(cwd=".") -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True)
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _target_sparsity(method_kind: str, pattern: str) -> float | None:
+    if method_kind == "dense":
+        return 0.0
+    if pattern == "none":
+        return None  # fixed by the method's own options (three_tier, hybrid_nm)
+    return pattern_args(pattern)[1]
+
+
+def long_table(ppl_files: list[str], report_files: list[str], config: dict) -> pd.DataFrame:
+    """One row per (model, method, pattern, data set, metric) with its provenance."""
+    reports = {}
+    for path in report_files:
+        p = Path(path)
+        reports[(p.parts[-3], p.parts[-2], p.name.removesuffix(".json"))] = json.loads(p.read_text())
+    calib = config["calibration"]
+    commit = git_commit()
+    rows = []
+    for path in ppl_files:
+        p = Path(path)
+        model, method, pattern, dataset = p.parts[-4], p.parts[-3], p.parts[-2], p.stem
+        result = pd.read_parquet(p).iloc[0].to_dict()
+        mspec, meth = config["models"][model], config["methods"][method]
+        report = reports.get((model, method, pattern), {})
+        value = float(result["perplexity"])
+        rows.append({
+            "model": model, "label": mspec.get("label", model), "group": mspec["group"],
+            "method": method, "method_label": meth.get("label", method), "method_kind": meth["method"],
+            "params": json.dumps({**report.get("params", {}), **meth.get("params", {})}, sort_keys=True),
+            "pattern": pattern, "target_sparsity": _target_sparsity(meth["method"], pattern),
+            "sparsity": report.get("sparsity", 0.0), "dataset": dataset, "metric": "perplexity",
+            "value": value, "status": "ok" if math.isfinite(value) else "failed: non-finite perplexity",
+            "prune_seconds": report.get("seconds"), "eval_seconds": result.get("seconds"),
+            "calibration": f"{calib['dataset']} {calib['nsamples']}x{calib['seqlen']}", "seed": calib["seed"],
+            "wanda_core": result.get("wanda_core"), "torch": result.get("torch"),
+            "transformers": result.get("transformers"), "lm_eval": result.get("lm_eval"),
+            "device": result.get("device"), "git_commit": commit,
+            "time": datetime.fromtimestamp(p.stat().st_mtime, timezone.utc).isoformat(timespec="seconds"),
+        })
+    return pd.DataFrame(rows)
+
+
+def published_rows(path, config: dict) -> pd.DataFrame:
+    """Published figures for models of this config, each with its source."""
+    if not path or not Path(path).is_file():
+        return pd.DataFrame()
+    rows = []
+    for entry in yaml.safe_load(Path(path).read_text()) or []:
+        for r in entry["rows"]:
+            rows.append({**r, "source": entry["source"], "dataset": entry.get("dataset", "wikitext2")})
+    df = pd.DataFrame(rows)
+    return df[df["model"].isin(list(config["models"]))] if len(df) else df
+
+
+def _fmt(v) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+
+
+def wide_tables(df: pd.DataFrame, published: pd.DataFrame, config: dict) -> list[tuple[str, pd.DataFrame]]:
+    """One table per (data set, pattern): a row per model (grouped by family), a column per method.
+
+    The dense result is a column of every table; published figures get a row of their own, named by source.
+    """
+    tables = []
+    methods = list(config["methods"])
+    dense = [m for m in methods if config["methods"][m]["method"] == "dense"]
+    for dataset in df["dataset"].unique():
+        d = df[df["dataset"] == dataset]
+        for pattern in [p for p in d["pattern"].unique() if p != "none"] + (["none"] if (d["pattern"] == "none").any() else []):
+            cols = dense + [m for m in methods if m not in dense and ((d["method"] == m) & (d["pattern"] == pattern)).any()]
+            if not [c for c in cols if c not in dense]:
+                continue
+            rows = []
+            for model in config["models"]:
+                spec = config["models"][model]
+                cell = {}
+                for m in cols:
+                    hit = d[(d["model"] == model) & (d["method"] == m) & ((d["pattern"] == pattern) | (m in dense))]
+                    cell[config["methods"][m].get("label", m)] = float(hit["value"].iloc[0]) if len(hit) else None
+                rows.append({"group": spec["group"], "model": spec.get("label", model), "source": "measured", **cell})
+                if len(published):
+                    pub = published[(published["model"] == model) & (published["dataset"] == dataset)]
+                    for source in pub["source"].unique():
+                        cell = {}
+                        for m in cols:
+                            kind = config["methods"][m]["method"]
+                            want = "none" if m in dense else pattern
+                            hit = pub[(pub["source"] == source) & (pub["method"] == kind) & (pub["pattern"] == want)]
+                            cell[config["methods"][m].get("label", m)] = float(hit["value"].iloc[0]) if len(hit) else None
+                        if any(v is not None for v in cell.values()):
+                            rows.append({"group": spec["group"], "model": spec.get("label", model), "source": source, **cell})
+            table = pd.DataFrame(rows)
+            table = table.sort_values(["group"], kind="stable").reset_index(drop=True)
+            tables.append((f"{DATASET_TITLES.get(dataset, dataset)} perplexity, {pattern_title(pattern)}", table.assign(dataset=dataset, pattern=pattern)))
+    return tables
+
+
+def markdown(tables) -> str:
+    out = []
+    for title, t in tables:
+        shown = t.drop(columns=["dataset", "pattern"])
+        out.append(f"## {title}\n")
+        out.append("| " + " | ".join(shown.columns) + " |")
+        out.append("|" + "---|" * len(shown.columns))
+        for _, r in shown.iterrows():
+            out.append("| " + " | ".join(_fmt(v) if isinstance(v, float) or v is None else str(v) for v in r.values) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(df: pd.DataFrame, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(df["label"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        d = df[(df["label"] == model) & df["value"].notna()]
+        labels = [f"{r.method_label}\n{r.pattern}" if r.pattern != "none" else r.method_label for r in d.itertuples()]
+        ax.bar(range(len(d)), d["value"], color=[f"C{hash(p) % 10}" for p in d["pattern"]])
+        ax.set_xticks(range(len(d)), labels, rotation=60, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("perplexity")
+        ax.set_title(f"{model} ({', '.join(d['dataset'].unique())})")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def aggregate(ppl_files, report_files, config, benchmark, table_md, table_csv, plot_png) -> str:
+    df = long_table(ppl_files, report_files, config)
+    write_table(df.to_dict("records"), benchmark)
+    tables = wide_tables(df, published_rows(config.get("published"), config), config)
+    text = markdown(tables)
+    with atomic_path(table_md) as tmp:
+        tmp.write_text(text)
+    write_table([r for _, t in tables for r in t.to_dict("records")], table_csv)
+    plot(df, plot_png)
+    return text

@@ -1,0 +1,94 @@
+import json
+import os
+import sys
+
+from snakemake.utils import validate
+
+from wanda_core import grid
+from wanda_core.errors import WandaError
+
+validate(config, "../schemas/config.schema.yaml")
+try:
+    grid.check_config(config)
+except WandaError as e:
+    raise ValueError(str(e)) from None
+
+# Jobs find `wanda-core` beside the Python that runs Snakemake, so a venv need not be activated
+# (with --use-conda the rule's environment comes first on PATH).
+envvars:
+    "PATH",
+
+
+search_path = os.environ["PATH"]
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), search_path])
+RUNS = grid.runs(config)
+# Relative to the repository, so that a run in another --directory finds it too.
+PUBLISHED = [os.path.join(workflow.basedir, config["published"])] if config["published"] else []
+CALIBRATION_ID = grid.calibration_id(config)
+
+
+wildcard_constraints:
+    model="|".join(config["models"]),
+    method="|".join(config["methods"]),
+    pattern=r"none|unstructured-[0-9.]+|[0-9]+-[0-9]+",
+    dataset="|".join(config["datasets"]) or "NONE",
+
+
+def model_spec(wildcards):
+    return config["models"][wildcards.model]
+
+
+def method_spec(wildcards):
+    return config["methods"][wildcards.method]
+
+
+def needs_calibration(method):
+    from wanda_core.methods import get_method
+
+    return get_method(config["methods"][method]["method"]).STATS is not None
+
+
+def is_dense(method):
+    return config["methods"][method]["method"] == "dense"
+
+
+def gpus(wildcards):
+    return model_spec(wildcards)["gpus"]
+
+
+def threads_for(wildcards):
+    # CPU-only models use every core; GPU jobs need a few for data handling.
+    return 4 if gpus(wildcards) else workflow.cores
+
+
+def prune_inputs(wildcards):
+    inputs = {"model": f"resources/models/{wildcards.model}"}
+    if needs_calibration(wildcards.method):
+        inputs["calibration"] = f"results/calibration/{wildcards.model}/{CALIBRATION_ID}.safetensors"
+    return inputs
+
+
+def eval_inputs(wildcards):
+    inputs = {"model": f"resources/models/{wildcards.model}", "data": f"resources/data/{wildcards.dataset}.jsonl"}
+    if not is_dense(wildcards.method):
+        inputs["pruned"] = f"results/pruned/{wildcards.model}/{wildcards.method}/{wildcards.pattern}.safetensors"
+    return inputs
+
+
+def prune_args(wildcards):
+    pattern, sparsity = grid.pattern_args(wildcards.pattern)
+    spec = method_spec(wildcards)
+    params = " ".join(f"--param {k}={json.dumps(v)}" for k, v in spec.get("params", {}).items())
+    return f"--method {spec['method']} --pattern {pattern} --sparsity {sparsity} {params}"
+
+
+def ppl_results():
+    return [
+        f"results/ppl/{model}/{method}/{pattern}/{dataset}.parquet"
+        for model, method, pattern in RUNS
+        for dataset in config["evals"]["perplexity"]["datasets"]
+    ]
+
+
+def prune_reports():
+    return [f"results/pruned/{m}/{meth}/{p}.json" for m, meth, p in RUNS if not is_dense(meth)]

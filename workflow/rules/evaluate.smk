@@ -1,0 +1,32 @@
+# Evaluations per (pruned model, data set): the pruned weights are applied to the dense model, never re-pruned.
+
+
+rule perplexity:
+    input:
+        unpack(eval_inputs),
+    output:
+        "results/ppl/{model}/{method}/{pattern}/{dataset}.parquet",
+    params:
+        pruned=lambda wc, input: f"--pruned {input.pruned}" if "pruned" in input.keys() else "",
+        seqlen=config["evals"]["perplexity"]["seqlen"],
+        max_windows=lambda wc: (
+            f"--max-windows {config['evals']['perplexity']['max_windows']}"
+            if config["evals"]["perplexity"]["max_windows"]
+            else ""
+        ),
+        batch_size=config["evals"]["perplexity"]["batch_size"],
+        dtype=lambda wc: model_spec(wc)["dtype"],
+        device=config["device"],
+    threads: threads_for
+    resources:
+        gpu=gpus,
+        mem_mb=lambda wc: model_spec(wc)["mem_mb"],
+        runtime=lambda wc: model_spec(wc)["runtime"],
+    log:
+        "logs/perplexity/{model}/{method}/{pattern}/{dataset}.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "wanda-core --gpus {resources.gpu} --threads {threads} eval-ppl --model {input.model} {params.pruned}"
+        " --data {input.data} --seqlen {params.seqlen} {params.max_windows} --batch-size {params.batch_size}"
+        " --dtype {params.dtype} --device {params.device} --out {output} --quiet > {log} 2>&1"

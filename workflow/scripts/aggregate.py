@@ -1,0 +1,17 @@
+# Snakemake script: hands the rule's files to wanda_core.tables.aggregate and prints the tables.
+import sys
+
+from wanda_core.tables import aggregate
+
+with open(snakemake.log[0], "w") as log:
+    sys.stderr = log
+    text = aggregate(
+        snakemake.input.ppl,
+        snakemake.input.reports,
+        {**snakemake.params.config, "published": (snakemake.params.published or [None])[0]},
+        snakemake.output.benchmark,
+        snakemake.output.table,
+        snakemake.output.csv,
+        snakemake.output.plot,
+    )
+print(text, file=sys.__stdout__)
