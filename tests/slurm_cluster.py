@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 PACKAGES = ("munge", "slurmctld", "slurmd", "slurm-client")
-COMMANDS = ("munged", "munge", "unmunge", "slurmctld", "slurmd", "sinfo", "sbatch", "squeue", "scontrol")
+COMMANDS = ("munged", "munge", "unmunge", "slurmctld", "slurmd", "sinfo", "sbatch", "squeue", "scontrol", "scancel")
 SBIN = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
 MARKER = "# Written by wanda-bench tests/slurm_cluster.py: a single-node test cluster."
 
@@ -125,7 +125,8 @@ def _terminate(pid: int | None, timeout: float = 15) -> None:
 
 
 class SlurmCluster:
-    """One node (this machine) in one partition, with `gpus` fake GPUs."""
+    """One node (this machine) with `gpus` fake GPUs, in the cluster's default partition `debug` and,
+    when `partition` is another name, also in that (non-default) partition."""
 
     def __init__(self, partition: str = "debug", gpus: int = 2, conf_dir: str | Path = "/etc/slurm",
                  state_root: str | Path = "/var/lib/slurm/wanda-test", log_dir: str | Path = "/var/log/slurm",
@@ -183,7 +184,8 @@ class SlurmCluster:
             "SchedulerParameters=sched_interval=2",
             "GresTypes=gpu",
             f"NodeName={self.node} NodeAddr=127.0.0.1 {node} RealMemory={memory} Gres=gpu:{self.gpus} State=UNKNOWN",
-            f"PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
+            *(f"PartitionName={name} Nodes={self.node} Default={'YES' if name == 'debug' else 'NO'} "
+              "MaxTime=INFINITE State=UP" for name in dict.fromkeys(["debug", self.partition])),
             "",
         ])
 
@@ -203,6 +205,18 @@ class SlurmCluster:
         (self.conf_dir / "gres.conf").write_text(self.gres_conf())
 
     # -- daemons -------------------------------------------------------------------------------------
+
+    def remove_config(self) -> None:
+        """Remove the config files this helper wrote. Left behind, they make every Slurm client (and so every
+        Snakemake start with the SLURM plugin installed, which asks `scontrol show config`) wait ~10 s for a
+        controller that is gone; without them the clients fail at once."""
+        for name in ("slurm.conf", "gres.conf"):
+            path = self.conf_dir / name
+            try:
+                if MARKER in path.read_text(errors="replace"):
+                    path.unlink()
+            except OSError:
+                pass
 
     def start_munge(self, timeout: float = 20) -> None:
         if run(f"{which('munge')} -n | {which('unmunge')}", shell=True, check=False).returncode == 0:
@@ -282,7 +296,8 @@ class SlurmCluster:
 
     def node_state(self) -> str:
         proc = run([which("sinfo"), "-h", "-N", "-n", self.node, "-o", "%t"], check=False)
-        return proc.stdout.strip().rstrip("*~#!%$@^-") if proc.returncode == 0 else ""
+        states = {line.strip().rstrip("*~#!%$@^-") for line in proc.stdout.splitlines() if line.strip()}
+        return states.pop() if proc.returncode == 0 and len(states) == 1 else ",".join(sorted(states))
 
     def logs(self, lines: int = 30) -> str:
         out = []
@@ -294,10 +309,31 @@ class SlurmCluster:
             out.append(f"--- {log} (last {lines} lines)\n" + "\n".join(tail))
         return "\n".join(out)
 
+    def cancel_jobs(self, timeout: float = 20) -> None:
+        """Cancel the jobs still pending or running (a run that failed or timed out), bounded in time."""
+        active = [i for i, job in self.jobs().items() if job.get("JobState") in ("PENDING", "RUNNING",
+                                                                              "CONFIGURING", "COMPLETING")]
+        if not active:
+            return
+        run([which("scancel"), *active], check=False)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(
+                self.jobs().get(i, {}).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING")
+                for i in active):
+            time.sleep(0.5)
+
     def stop(self) -> None:
-        """Stop what start() started (slurmd, slurmctld, munged), newest first, by PID."""
+        """Cancel leftover jobs, then stop what start() started (slurmd, slurmctld, munged), newest first, by PID."""
+        if self.started:
+            try:
+                self.cancel_jobs()
+            except (OSError, subprocess.SubprocessError, ClusterError):
+                pass
+        ours = bool(self.started)
         for pid in reversed(self.started):
             _terminate(pid)
+        if ours:
+            self.remove_config()
         for proc in self._children:
             try:
                 proc.wait(timeout=1)

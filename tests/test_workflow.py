@@ -13,6 +13,7 @@ import yaml
 from tiny_models import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
+TASKS = Path(__file__).parent / "data" / "tasks"
 
 
 def smk(workdir, config, *args, timeout=900, env=None):
@@ -57,9 +58,10 @@ def test_dry_run_grid_sizes(tmp_path):
     assert demo == {"materialize_model": 1, "prepare_dataset": 2, "calibrate": 1, "prune": 7, "perplexity": 8,
                     "aggregate": 1, "all": 1}
     paper = job_counts(smk(tmp_path / "paper", ROOT / "config" / "paper.yaml", "-n"))
-    # 15 models (LLaMA-1, LLaMA-2, OPT) x (3 methods x 3 patterns + three_tier) prunes, + dense for evaluation.
+    # 15 models (LLaMA-1, LLaMA-2, OPT) x (3 methods x 3 patterns + three_tier) prunes, + dense for evaluation;
+    # the 7 zero-shot tasks for each of the 165 (pruned) models.
     assert paper == {"materialize_model": 15, "prepare_dataset": 2, "calibrate": 15, "prune": 150,
-                     "perplexity": 165, "aggregate": 1, "all": 1}
+                     "perplexity": 165, "zeroshot": 165 * 7, "aggregate": 1, "all": 1}
 
 
 def test_lint_is_clean(tmp_path):
@@ -87,6 +89,7 @@ def base_config(tiny_sources, **extra):
     (lambda c: c["methods"].update(t={"method": "three_tier", "params": {"dense": 0.5}}), "must sum to 1"),
     (lambda c: c["evals"]["perplexity"].update(datasets=["c4"]), "evals.perplexity.datasets: 'c4' is not in datasets"),
     (lambda c: c["models"]["tiny-llama"].update(gpus=-1), "gpus"),
+    (lambda c: c["evals"].update(zeroshot={"tasks": ["no_such_task"]}), "unknown zero-shot task 'no_such_task'"),
 ])
 def test_bad_config_stops_before_any_job(tmp_path, tiny_sources, change, message):
     config = base_config(tiny_sources)
@@ -111,13 +114,13 @@ def e2e(tmp_path_factory, tiny_sources, smollm2_dir, wikitext):
             "magnitude": {"method": "magnitude", "label": "Magnitude"},
             "wanda": {"method": "wanda", "label": "Wanda", "patterns": ["unstructured-0.5", "2-4"]},
             "sparsegpt": {"method": "sparsegpt", "label": "SparseGPT"},
-            "three_tier": {"method": "three_tier", "label": "Three-tier"},
         },
         "patterns": ["unstructured-0.5"],
         "datasets": {"wikitext2-valid": {"path": str(wikitext / "valid.txt")},
                      "wikitext2": {"path": str(wikitext / "test.txt")}},
         "calibration": {"dataset": "wikitext2-valid", "nsamples": 4, "seqlen": 128, "seed": 0},
-        "evals": {"perplexity": {"datasets": ["wikitext2"], "seqlen": 256, "max_windows": 3, "batch_size": 3}},
+        "evals": {"perplexity": {"datasets": ["wikitext2"], "seqlen": 256, "max_windows": 3, "batch_size": 3},
+                  "zeroshot": {"tasks": ["tiny_mc"], "include_path": str(TASKS), "limit": 8, "batch_size": 4}},
         "published": None,
     }
     proc = smk(workdir, config, timeout=1500)
@@ -131,26 +134,31 @@ def test_end_to_end_results(e2e):
     expected = {"model", "group", "method", "pattern", "target_sparsity", "sparsity", "dataset", "metric", "value",
                 "wanda_core", "torch", "transformers", "lm_eval", "git_commit", "device", "calibration", "seed", "time"}
     assert expected <= set(df.columns)
-    assert len(df) == 2 * 6  # 2 models x (dense, magnitude, wanda x2, sparsegpt, three_tier)
+    zs, df = df[df["metric"] != "perplexity"], df[df["metric"] == "perplexity"]
+    assert len(df) == 2 * 5  # 2 models x (dense, magnitude, wanda x2, sparsegpt)
     assert df["value"].notna().all() and (df["value"] > 1).all() and (df["status"] == "ok").all()
-    assert set(df["dataset"]) == {"wikitext2"} and set(df["metric"]) == {"perplexity"}
-    pruned = df[~df["method"].isin(["dense", "three_tier"])]
+    assert set(df["dataset"]) == {"wikitext2"}
+    assert len(zs) == 2 * 5 * 2 and set(zs["metric"]) == {"acc", "acc_norm"} and set(zs["dataset"]) == {"tiny_mc"}
+    assert zs["value"].between(0, 1).all() and (zs["n"] == 8).all() and zs["lm_eval"].str.startswith("0.4").all()
+    zs_table = (workdir / "results" / "tables" / "zeroshot.md").read_text()
+    assert "Zero-shot accuracy (%), unstructured 50%" in zs_table and "| tiny_mc | Mean |" in zs_table
+    pruned = df[df["method"] != "dense"]
     assert (pruned["sparsity"].round(4) == 0.5).all() and (pruned["target_sparsity"] == 0.5).all()
     smol = df[df["model"] == "smollm2-135m"].set_index(["method", "pattern"])["value"]
     assert smol[("dense", "none")] < smol[("wanda", "unstructured-0.5")] < smol[("magnitude", "unstructured-0.5")]
     assert smol[("sparsegpt", "unstructured-0.5")] < smol[("magnitude", "unstructured-0.5")]
 
     table = (workdir / "results" / "tables" / "perplexity.md").read_text()
-    assert "wikitext2 perplexity, unstructured 50%" in table and "2:4" in table and "own structure" in table
+    assert "WikiText-2 perplexity, unstructured 50%" in table and "WikiText-2 perplexity, 2:4" in table
     header = next(line for line in table.splitlines() if line.startswith("| group"))
     assert header.split("|")[4:-1] == [" Dense ", " Magnitude ", " Wanda ", " SparseGPT "]
     assert f"{smol[('wanda', 'unstructured-0.5')]:.2f}" in table
     csv = pd.read_csv(workdir / "results" / "tables" / "perplexity.csv")
     assert {"group", "model", "source", "Dense", "Wanda", "pattern", "dataset"} <= set(csv.columns)
     assert (workdir / "results" / "plots" / "perplexity.png").read_bytes()[:4] == b"\x89PNG"
-    layers = pd.read_parquet(workdir / "results" / "pruned" / "smollm2-135m" / "three_tier" / "none.layers.parquet")
-    assert {"layer", "sparsity", "seconds", "tier_dense", "tier_nm", "tier_topk"} <= set(layers.columns)
-    assert len(layers) == 30 * 7
+    layers = pd.read_parquet(workdir / "results" / "pruned" / "smollm2-135m" / "wanda" / "2-4.layers.parquet")
+    assert {"layer", "block", "rows", "cols", "sparsity", "seconds", "tokens", "peak_memory_bytes"} <= set(layers.columns)
+    assert len(layers) == 30 * 7 and (layers["sparsity"] == 0.5).all()
     assert "Tiny-LLaMA" in proc.stdout  # the tables are printed at the end
 
 
@@ -167,8 +175,16 @@ def test_adding_a_model_runs_only_its_jobs(e2e, tiny_sources):
     config = json.loads(json.dumps(config))
     config["models"]["tiny-gpt2"] = {"source": str(tiny_sources["gpt2"]), "group": "Tiny"}
     proc = smk(workdir, config, "-n")
-    assert job_counts(proc) == {"materialize_model": 1, "calibrate": 1, "prune": 5, "perplexity": 6, "aggregate": 1, "all": 1}
+    assert job_counts(proc) == {"materialize_model": 1, "calibrate": 1, "prune": 4, "perplexity": 5, "zeroshot": 5,
+                                "aggregate": 1, "all": 1}
     assert job_models(proc) == {"tiny-gpt2"}
+
+
+def test_adding_a_task_runs_only_the_new_evaluations(e2e):
+    workdir, config, _ = e2e
+    config = json.loads(json.dumps(config))
+    config["evals"]["zeroshot"]["tasks"].append("tiny_mc_b")
+    assert job_counts(smk(workdir, config, "-n")) == {"zeroshot": 10, "aggregate": 1, "all": 1}
 
 
 def test_adding_an_evaluation_reruns_no_pruning(e2e, wikitext):
@@ -177,7 +193,7 @@ def test_adding_an_evaluation_reruns_no_pruning(e2e, wikitext):
     config["datasets"]["wikitext2-valid-ppl"] = {"path": str(wikitext / "valid.txt")}
     config["evals"]["perplexity"]["datasets"].append("wikitext2-valid-ppl")
     counts = job_counts(smk(workdir, config, "-n"))
-    assert counts == {"prepare_dataset": 1, "perplexity": 12, "aggregate": 1, "all": 1}
+    assert counts == {"prepare_dataset": 1, "perplexity": 10, "aggregate": 1, "all": 1}
 
 
 def test_gpu_slots_are_distinct(tmp_path, tiny_sources):

@@ -223,12 +223,14 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=MAX_POS)
+    # Ids 0/1/2 double as pad/bos/eos (as in the tiny configs), so tools that need them (lm-eval) work.
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=MAX_POS, pad_token=alphabet[0],
+                                   bos_token=alphabet[1], eos_token=alphabet[2])
 
 
 def save_tiny(arch: str, path, seed: int = 0, **overrides):

@@ -103,6 +103,34 @@ def cmd_eval_ppl(a) -> None:
     print(json.dumps({"perplexity": ppl}))
 
 
+def cmd_eval_zeroshot(a) -> None:
+    from . import io, model, pruned, zeroshot
+
+    loaded = zeroshot.load_tasks(a.task, a.include_path)  # task names and data first: before the model
+    m, tokenizer = model.load_model(a.model, a.dtype, a.device)
+    if a.pruned:
+        pruned.load_pruned(m, a.pruned)
+    t0 = time.perf_counter()
+    rows = zeroshot.evaluate(m, tokenizer, loaded, a.limit, a.batch_size, a.seed, a.cache)
+    extra = {"model": a.model, "pruned": a.pruned, "seconds": time.perf_counter() - t0, **provenance()}
+    rows = [{**r, **extra} for r in rows]
+    if a.out:
+        io.write_table(rows, a.out)
+    print(json.dumps({f"{r['task']}/{r['metric']}": r["value"] for r in rows}))
+
+
+def cmd_export(a) -> None:
+    """A pruned model as a normal Hugging Face directory (safetensors) for any other tool."""
+    from . import io, model, pruned
+
+    m, tokenizer = model.load_model(a.model, a.dtype, "cpu")
+    pruned.load_pruned(m, a.pruned)
+    with io.atomic_dir(a.out) as tmp:
+        m.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    log.info("wrote %s", a.out)
+
+
 def cmd_sparsity(a) -> None:
     from . import io, model, pruned
 
@@ -134,16 +162,12 @@ def cmd_materialize(a) -> None:
     """
     import os
     import shutil
-    import tempfile
     from pathlib import Path
 
-    from . import model
+    from . import io, model
 
     base, kwargs = model.resolve_source(a.model)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with io.atomic_dir(a.out) as tmp:
         if not kwargs and Path(base).is_dir():
             for f in Path(base).iterdir():
                 if f.is_file():
@@ -162,13 +186,7 @@ def cmd_materialize(a) -> None:
             m, tokenizer = model.load_model(a.model, a.dtype, "cpu")
             m.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("wrote %s", out)
+    log.info("wrote %s", a.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +234,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=1)
     s.add_argument("--out", help="result (.json, .parquet or .csv)")
     s.set_defaults(func=cmd_eval_ppl)
+
+    s = sub.add_parser("eval-zeroshot", help="zero-shot accuracy with lm-eval, on the pruned model in memory")
+    model_args(s)
+    s.add_argument("--pruned", help="pruned weights to apply first")
+    s.add_argument("--task", action="append", required=True, help="lm-eval task name (repeatable)")
+    s.add_argument("--include-path", help="folder of extra lm-eval YAML tasks (e.g. offline ones)")
+    s.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
+    s.add_argument("--batch-size", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--cache", help="lm-eval request cache (sqlite), one per pruned model")
+    s.add_argument("--out", help="result (.parquet or .csv)")
+    s.set_defaults(func=cmd_eval_zeroshot)
+
+    s = sub.add_parser("export", help="write a pruned model as a plain Hugging Face directory")
+    s.add_argument("--model", required=True)
+    s.add_argument("--pruned", required=True)
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("sparsity", help="fraction of zeros in the pruned set")
     s.add_argument("--model", required=True)

@@ -218,7 +218,7 @@ def prune(
                 layers.append({
                     "layer": t.name, "block": i, "rows": t.shape[0], "cols": t.shape[1],
                     "sparsity": 1.0 - keep.float().mean().item(), "seconds": time.perf_counter() - tb,
-                    "tokens": stats[t.name].count if t.name in stats else 0, **info,
+                    "tokens": stats[t.name].count if t.name in stats else 0, "peak_memory_bytes": _peak_memory(compute), **info,
                 })
             if inputs is not None and i + 1 < len(blocks):
                 inputs.run(block, inputs.store, compute, replace=True)
@@ -237,6 +237,15 @@ def prune(
     if keep_masks:
         report["masks"] = masks
     return report
+
+
+def _peak_memory(device: torch.device) -> int:
+    """Peak accelerator memory so far, or on the CPU the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _kind(pattern: str) -> str:

@@ -64,6 +64,20 @@ def check_config(config: dict) -> None:
             raise WandaError(f"config evals.perplexity.datasets: {ds!r} is not in datasets ({', '.join(datasets) or 'none'})")
 
 
+def check_tasks(config: dict, basedir: str = ".") -> None:
+    zs = config["evals"].get("zeroshot") or {}
+    if zs.get("tasks"):
+        from pathlib import Path
+
+        from .zeroshot import check_task_names
+
+        include = zs.get("include_path") and Path(basedir) / zs["include_path"]
+        try:
+            check_task_names(zs["tasks"], include)
+        except WandaError as e:
+            raise WandaError(f"config evals.zeroshot: {e}") from None
+
+
 def runs(config: dict) -> list[tuple[str, str, str]]:
     """Every (model, method, pattern label) of the grid."""
     return [(model, method, label) for model in config["models"] for method in config["methods"]

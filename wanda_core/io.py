@@ -42,3 +42,21 @@ def write_table(rows: list[dict], path) -> None:
             df.to_csv(tmp, index=False)
         else:
             tmp.write_text(df.to_json(orient="records", indent=2))
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Yields a temporary folder beside `path`; it replaces `path` only if the block succeeds."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -35,8 +35,8 @@ def _target_sparsity(method_kind: str, pattern: str) -> float | None:
     return pattern_args(pattern)[1]
 
 
-def long_table(ppl_files: list[str], report_files: list[str], config: dict) -> pd.DataFrame:
-    """One row per (model, method, pattern, data set, metric) with its provenance."""
+def long_table(ppl_files: list[str], report_files: list[str], config: dict, zeroshot_files=()) -> pd.DataFrame:
+    """One row per (model, method, pattern, data set or task, metric) with its provenance."""
     reports = {}
     for path in report_files:
         p = Path(path)
@@ -44,27 +44,35 @@ def long_table(ppl_files: list[str], report_files: list[str], config: dict) -> p
     calib = config["calibration"]
     commit = git_commit()
     rows = []
-    for path in ppl_files:
-        p = Path(path)
-        model, method, pattern, dataset = p.parts[-4], p.parts[-3], p.parts[-2], p.stem
-        result = pd.read_parquet(p).iloc[0].to_dict()
+
+    def row(p: Path, result: dict, dataset: str, metric: str, value: float, **extra) -> dict:
+        model, method, pattern = p.parts[-4], p.parts[-3], p.parts[-2]
         mspec, meth = config["models"][model], config["methods"][method]
         report = reports.get((model, method, pattern), {})
-        value = float(result["perplexity"])
-        rows.append({
+        return {
             "model": model, "label": mspec.get("label", model), "group": mspec["group"],
             "method": method, "method_label": meth.get("label", method), "method_kind": meth["method"],
             "params": json.dumps({**report.get("params", {}), **meth.get("params", {})}, sort_keys=True),
             "pattern": pattern, "target_sparsity": _target_sparsity(meth["method"], pattern),
-            "sparsity": report.get("sparsity", 0.0), "dataset": dataset, "metric": "perplexity",
-            "value": value, "status": "ok" if math.isfinite(value) else "failed: non-finite perplexity",
+            "sparsity": report.get("sparsity", 0.0), "dataset": dataset, "metric": metric, "value": value,
+            "status": "ok" if math.isfinite(value) else f"failed: non-finite {metric}", **extra,
             "prune_seconds": report.get("seconds"), "eval_seconds": result.get("seconds"),
             "calibration": f"{calib['dataset']} {calib['nsamples']}x{calib['seqlen']}", "seed": calib["seed"],
             "wanda_core": result.get("wanda_core"), "torch": result.get("torch"),
             "transformers": result.get("transformers"), "lm_eval": result.get("lm_eval"),
             "device": result.get("device"), "git_commit": commit,
             "time": datetime.fromtimestamp(p.stat().st_mtime, timezone.utc).isoformat(timespec="seconds"),
-        })
+        }
+
+    for path in ppl_files:
+        p = Path(path)
+        result = pd.read_parquet(p).iloc[0].to_dict()
+        rows.append(row(p, result, p.stem, "perplexity", float(result["perplexity"])))
+    for path in zeroshot_files:
+        p = Path(path)
+        for result in pd.read_parquet(p).to_dict("records"):
+            rows.append(row(p, result, result["task"], result["metric"], float(result["value"]),
+                            stderr=result.get("stderr"), n=result.get("n")))
     return pd.DataFrame(rows)
 
 
@@ -84,6 +92,28 @@ def _fmt(v) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
 
+def zeroshot_tables(df: pd.DataFrame, config: dict) -> list[tuple[str, pd.DataFrame]]:
+    """Per pattern, a row per (model, method) with each task's accuracy and their mean, as the paper's table."""
+    acc = df[df["metric"] == "acc"]
+    if not len(acc):
+        return []
+    tasks = list(dict.fromkeys(acc["dataset"]))
+    dense = acc[acc["method_kind"] == "dense"]
+    tables = []
+    for pattern in [p for p in acc["pattern"].unique() if p != "none"] + (["none"] if (acc["pattern"] == "none").any() else []):
+        d = pd.concat([dense, acc[(acc["pattern"] == pattern) & (acc["method_kind"] != "dense")]])
+        rows = []
+        for (model, method), g in d.groupby(["model", "method"], sort=False):
+            values = g.set_index("dataset")["value"]
+            cells = {t: float(values[t]) * 100 if t in values else None for t in tasks}
+            present = [v for v in cells.values() if v is not None]
+            rows.append({"group": g["group"].iloc[0], "model": g["label"].iloc[0], "method": g["method_label"].iloc[0],
+                         **cells, "Mean": sum(present) / len(present) if len(present) == len(tasks) else None})
+        table = pd.DataFrame(rows).sort_values(["group"], kind="stable").reset_index(drop=True)
+        tables.append((f"Zero-shot accuracy (%), {pattern_title(pattern)}", table.assign(pattern=pattern)))
+    return tables
+
+
 def wide_tables(df: pd.DataFrame, published: pd.DataFrame, config: dict) -> list[tuple[str, pd.DataFrame]]:
     """One table per (data set, pattern): a row per model (grouped by family), a column per method.
 
@@ -92,6 +122,7 @@ def wide_tables(df: pd.DataFrame, published: pd.DataFrame, config: dict) -> list
     tables = []
     methods = list(config["methods"])
     dense = [m for m in methods if config["methods"][m]["method"] == "dense"]
+    df = df[df["metric"] == "perplexity"]
     for dataset in df["dataset"].unique():
         d = df[df["dataset"] == dataset]
         for pattern in [p for p in d["pattern"].unique() if p != "none"] + (["none"] if (d["pattern"] == "none").any() else []):
@@ -126,7 +157,7 @@ def wide_tables(df: pd.DataFrame, published: pd.DataFrame, config: dict) -> list
 def markdown(tables) -> str:
     out = []
     for title, t in tables:
-        shown = t.drop(columns=["dataset", "pattern"])
+        shown = t.drop(columns=[c for c in ("dataset", "pattern") if c in t.columns])
         out.append(f"## {title}\n")
         out.append("| " + " | ".join(shown.columns) + " |")
         out.append("|" + "---|" * len(shown.columns))
@@ -158,13 +189,19 @@ def plot(df: pd.DataFrame, path) -> None:
     plt.close(fig)
 
 
-def aggregate(ppl_files, report_files, config, benchmark, table_md, table_csv, plot_png) -> str:
-    df = long_table(ppl_files, report_files, config)
-    write_table(df.to_dict("records"), benchmark)
-    tables = wide_tables(df, published_rows(config.get("published"), config), config)
-    text = markdown(tables)
-    with atomic_path(table_md) as tmp:
-        tmp.write_text(text)
-    write_table([r for _, t in tables for r in t.to_dict("records")], table_csv)
-    plot(df, plot_png)
-    return text
+def aggregate(ppl_files, report_files, zeroshot_files, config, out: dict) -> str:
+    """Write out["benchmark"] (long Parquet), the perplexity and zero-shot tables (.md, .csv) and the plot."""
+    df = long_table(ppl_files, report_files, config, zeroshot_files)
+    write_table(df.to_dict("records"), out["benchmark"])
+    texts = []
+    for tables, md, csv in [
+        (wide_tables(df, published_rows(config.get("published"), config), config), out["table"], out["csv"]),
+        (zeroshot_tables(df, config), out["zeroshot_table"], out["zeroshot_csv"]),
+    ]:
+        text = markdown(tables) or "No results.\n"
+        with atomic_path(md) as tmp:
+            tmp.write_text(text)
+        write_table([r for _, t in tables for r in t.to_dict("records")], csv)
+        texts.append(text)
+    plot(df[df["metric"] == "perplexity"], out["plot"])
+    return "\n".join(texts)

@@ -4,12 +4,15 @@
 rule aggregate:
     input:
         ppl=ppl_results(),
+        zeroshot=zeroshot_results(),
         reports=prune_reports(),
         published=PUBLISHED,
     output:
         benchmark="results/benchmark.parquet",
         table="results/tables/perplexity.md",
         csv="results/tables/perplexity.csv",
+        zeroshot_table="results/tables/zeroshot.md",
+        zeroshot_csv="results/tables/zeroshot.csv",
         plot=report("results/plots/perplexity.png", caption="../report/perplexity.rst", category="Perplexity"),
     params:
         runs=RUNS,

@@ -10,6 +10,7 @@ from wanda_core.errors import WandaError
 validate(config, "../schemas/config.schema.yaml")
 try:
     grid.check_config(config)
+    grid.check_tasks(config, workflow.basedir)
 except WandaError as e:
     raise ValueError(str(e)) from None
 
@@ -27,11 +28,16 @@ PUBLISHED = [os.path.join(workflow.basedir, config["published"])] if config["pub
 CALIBRATION_ID = grid.calibration_id(config)
 
 
+ZEROSHOT = config["evals"]["zeroshot"]
+TASK_DIR = ZEROSHOT["include_path"] and os.path.join(workflow.basedir, ZEROSHOT["include_path"])
+
+
 wildcard_constraints:
     model="|".join(config["models"]),
     method="|".join(config["methods"]),
     pattern=r"none|unstructured-[0-9.]+|[0-9]+-[0-9]+",
     dataset="|".join(config["datasets"]) or "NONE",
+    task="|".join(ZEROSHOT["tasks"]) or "NONE",
 
 
 def model_spec(wildcards):
@@ -69,7 +75,9 @@ def prune_inputs(wildcards):
 
 
 def eval_inputs(wildcards):
-    inputs = {"model": f"resources/models/{wildcards.model}", "data": f"resources/data/{wildcards.dataset}.jsonl"}
+    inputs = {"model": f"resources/models/{wildcards.model}"}
+    if "dataset" in wildcards.keys():
+        inputs["data"] = f"resources/data/{wildcards.dataset}.jsonl"
     if not is_dense(wildcards.method):
         inputs["pruned"] = f"results/pruned/{wildcards.model}/{wildcards.method}/{wildcards.pattern}.safetensors"
     return inputs
@@ -92,3 +100,11 @@ def ppl_results():
 
 def prune_reports():
     return [f"results/pruned/{m}/{meth}/{p}.json" for m, meth, p in RUNS if not is_dense(meth)]
+
+
+def zeroshot_results():
+    return [
+        f"results/zeroshot/{model}/{method}/{pattern}/{task}.parquet"
+        for model, method, pattern in RUNS
+        for task in ZEROSHOT["tasks"]
+    ]

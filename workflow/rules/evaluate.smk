@@ -30,3 +30,37 @@ rule perplexity:
         "wanda-core --gpus {resources.gpu} --threads {threads} eval-ppl --model {input.model} {params.pruned}"
         " --data {input.data} --seqlen {params.seqlen} {params.max_windows} --batch-size {params.batch_size}"
         " --dtype {params.dtype} --device {params.device} --out {output} --quiet > {log} 2>&1"
+
+
+rule zeroshot:
+    input:
+        unpack(eval_inputs),
+    output:
+        "results/zeroshot/{model}/{method}/{pattern}/{task}.parquet",
+    params:
+        pruned=lambda wc, input: f"--pruned {input.pruned}" if "pruned" in input.keys() else "",
+        include=f"--include-path {TASK_DIR}" if TASK_DIR else "",
+        limit=f"--limit {ZEROSHOT['limit']}" if ZEROSHOT["limit"] else "",
+        batch_size=ZEROSHOT["batch_size"],
+        seed=ZEROSHOT["seed"],
+        # lm-eval's request cache ignores which model answered: one cache per pruned model.
+        cache=lambda wc: (
+            f"--cache results/zeroshot/{wc.model}/{wc.method}/{wc.pattern}/lm-eval-cache/{wc.task}"
+            if ZEROSHOT["cache"]
+            else ""
+        ),
+        dtype=lambda wc: model_spec(wc)["dtype"],
+        device=config["device"],
+    threads: threads_for
+    resources:
+        gpu=gpus,
+        mem_mb=lambda wc: model_spec(wc)["mem_mb"],
+        runtime=lambda wc: model_spec(wc)["runtime"],
+    log:
+        "logs/zeroshot/{model}/{method}/{pattern}/{task}.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "wanda-core --gpus {resources.gpu} --threads {threads} eval-zeroshot --model {input.model} {params.pruned}"
+        " --task {wildcards.task} {params.include} {params.limit} --batch-size {params.batch_size} --seed {params.seed}"
+        " {params.cache} --dtype {params.dtype} --device {params.device} --out {output} --quiet > {log} 2>&1"

@@ -8,10 +8,8 @@ with open(snakemake.log[0], "w") as log:
     text = aggregate(
         snakemake.input.ppl,
         snakemake.input.reports,
+        snakemake.input.zeroshot,
         {**snakemake.params.config, "published": (snakemake.params.published or [None])[0]},
-        snakemake.output.benchmark,
-        snakemake.output.table,
-        snakemake.output.csv,
-        snakemake.output.plot,
+        dict(snakemake.output.items()),
     )
 print(text, file=sys.__stdout__)

@@ -1,0 +1,76 @@
+"""Zero-shot accuracy with lm-eval on an offline task: in memory, exported, and bad task input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import wanda_core as wc
+from tiny_models import save_tiny
+from wanda_core.cli import main
+
+pytest.importorskip("lm_eval")
+TASKS = Path(__file__).parent / "data" / "tasks"
+
+
+@pytest.fixture(scope="module")
+def pruned_tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zs")
+    src = save_tiny("llama", root / "tiny")
+    model, _ = wc.load_model(src, device="cpu")
+    calib = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    wc.prune(model, "wanda", "unstructured", 0.5, calib, progress=False)
+    wc.save_pruned(model, root / "pruned.safetensors")
+    return src, root / "pruned.safetensors", root
+
+
+def test_in_memory_matches_exported_lm_eval_cli(pruned_tiny):
+    src, pruned, root = pruned_tiny
+    out = root / "zs.parquet"
+    assert main(["eval-zeroshot", "--model", str(src), "--pruned", str(pruned), "--task", "tiny_mc",
+                 "--include-path", str(TASKS), "--device", "cpu", "--out", str(out), "--quiet"]) == 0
+    df = pd.read_parquet(out)
+    assert set(df["metric"]) == {"acc", "acc_norm"} and (df["n"] == 36).all() and (df["num_fewshot"] == 0).all()
+    assert df["lm_eval"].iloc[0].startswith("0.4") and df["stderr"].notna().all()
+    in_memory = df.set_index("metric")["value"].to_dict()
+
+    exported = root / "exported"
+    assert main(["export", "--model", str(src), "--pruned", str(pruned), "--out", str(exported)]) == 0
+    assert (exported / "model.safetensors").is_file()
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(exported)  # a normal HF directory
+    w = dict(plain.named_parameters())["model.layers.0.mlp.down_proj.weight"]
+    assert (w == 0).float().mean().item() == pytest.approx(0.5)
+
+    results = root / "lm_eval_out"
+    proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={exported}",
+                           "--tasks", "tiny_mc", "--include_path", str(TASKS), "--device", "cpu", "--batch_size", "1",
+                           "--output_path", str(results)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(next(results.rglob("results_*.json")).read_text())["results"]["tiny_mc"]
+    assert report["acc,none"] == pytest.approx(in_memory["acc"], abs=1e-9)
+    assert report["acc_norm,none"] == pytest.approx(in_memory["acc_norm"], abs=1e-9)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--task", "no_such_task"], "unknown zero-shot task 'no_such_task'"),
+    (["--task", "broken_task", "--include-path", "{broken}"], "cannot load the data of task(s) broken_task"),
+])
+def test_bad_task_fails_before_the_model_loads(tmp_path, args, message):
+    broken = tmp_path / "tasks"
+    broken.mkdir()
+    (broken / "broken.yaml").write_text(
+        "task: broken_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: /no/such/file.jsonl\n"
+        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{c}}'\ndoc_to_target: 0\n")
+    args = [a.format(broken=broken) for a in args]
+    # The model does not exist either: the task error must come first.
+    proc = subprocess.run([sys.executable, "-m", "wanda_core", "eval-zeroshot", "--model", "./no/model", *args,
+                           "--out", str(tmp_path / "out.parquet")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "out.parquet").exists()
