@@ -1,5 +1,5 @@
 # wanda-bench: model x method x pattern, pruned and evaluated in cached stages.
-# Run: snakemake --cores all            (GPU box: --resources gpu=4; cluster: --profile profiles/slurm)
+# Run: snakemake --cores all   (GPU box: --resources gpu=4; cluster: --profile profiles/slurm --workflow-profile none)
 from snakemake.utils import min_version
 
 min_version("9.0")
