@@ -10,7 +10,6 @@ IDS = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(1
 
 
 def _untouched(model):
-    named = dict(model.named_parameters())
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     return {"emb": emb.detach().clone(), "head": head.detach().clone()}

@@ -96,9 +96,11 @@ def load_model(source, dtype=None, device=None):
             raise WandaError(f"cannot read the config of model {source}: {_first_line(e)}") from None
         if getattr(config, "is_encoder_decoder", False):
             raise WandaError(f"model {source} is an encoder-decoder ({config.model_type}); only decoder-only causal LMs are supported")
-    log.info("loading model %s (%s) on %s", source, str(dtype).replace("torch.", ""), device)
+    # A job that was given several GPUs spreads the model over them (evaluation of models larger than one GPU).
+    spread = device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1
+    log.info("loading model %s (%s) on %s", source, str(dtype).replace("torch.", ""), "all visible GPUs" if spread else device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, device_map="auto" if spread else None, **kwargs)
     except Exception as e:
         raise WandaError(f"cannot load model {source}: {_first_line(e)}") from None
     if "gguf_file" in kwargs:
@@ -107,7 +109,9 @@ def load_model(source, dtype=None, device=None):
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-    model.eval().to(device)
+    model.eval()
+    if not spread:
+        model.to(device)
     tokenizer = load_tokenizer(source)
     return model, tokenizer
 
