@@ -12,7 +12,7 @@ import platform
 import sys
 import time
 
-from .errors import WandaError
+from .errors import WandaError, first_line
 
 log = logging.getLogger("wanda_core")
 _STARTED = time.time()
@@ -181,7 +181,7 @@ def cmd_materialize(a) -> None:
             try:
                 snapshot_download(base, local_dir=tmp, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
             except Exception as e:
-                raise WandaError(f"cannot download model {a.model}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                raise WandaError(f"cannot download model {a.model}: {first_line(e)}") from None
         else:
             m, tokenizer = model.load_model(a.model, a.dtype, "cpu")
             m.save_pretrained(tmp)

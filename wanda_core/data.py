@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import WandaError
+from .errors import WandaError, first_line
 from .io import atomic_path
 
 log = logging.getLogger("wanda_core")
@@ -112,7 +112,7 @@ def hub_records(spec: dict) -> list[str]:
         ds = datasets.load_dataset(spec["hub"], spec.get("name"), split=spec.get("split", "train"),
                                    data_files=spec.get("data_files"))
     except Exception as e:
-        raise WandaError(f"cannot load data set {spec['hub']}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise WandaError(f"cannot load data set {spec['hub']}: {first_line(e)}") from None
     texts = ds[spec.get("field", "text")]
     return texts[: spec["max_records"]] if spec.get("max_records") else texts
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import WandaError
+from .errors import WandaError, first_line
 
 log = logging.getLogger("wanda_core")
 
@@ -75,7 +75,7 @@ def load_tokenizer(source):
     try:
         return AutoTokenizer.from_pretrained(base, **kwargs)
     except Exception as e:  # transformers raises many types; the user needs one line
-        raise WandaError(f"cannot load the tokenizer of {source}: {_first_line(e)}") from None
+        raise WandaError(f"cannot load the tokenizer of {source}: {first_line(e)}") from None
 
 
 def load_model(source, dtype=None, device=None):
@@ -93,7 +93,7 @@ def load_model(source, dtype=None, device=None):
         try:
             config = AutoConfig.from_pretrained(base)
         except Exception as e:
-            raise WandaError(f"cannot read the config of model {source}: {_first_line(e)}") from None
+            raise WandaError(f"cannot read the config of model {source}: {first_line(e)}") from None
         if getattr(config, "is_encoder_decoder", False):
             raise WandaError(f"model {source} is an encoder-decoder ({config.model_type}); only decoder-only causal LMs are supported")
     # A job that was given several GPUs spreads the model over them (evaluation of models larger than one GPU).
@@ -102,7 +102,7 @@ def load_model(source, dtype=None, device=None):
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, device_map="auto" if spread else None, **kwargs)
     except Exception as e:
-        raise WandaError(f"cannot load model {source}: {_first_line(e)}") from None
+        raise WandaError(f"cannot load model {source}: {first_line(e)}") from None
     if "gguf_file" in kwargs:
         # GGUF weights are dequantized to plain floats on load; forget the quantizer so the
         # model behaves (and saves) like any other float model.
@@ -114,11 +114,6 @@ def load_model(source, dtype=None, device=None):
         model.to(device)
     tokenizer = load_tokenizer(source)
     return model, tokenizer
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

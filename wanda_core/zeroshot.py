@@ -5,7 +5,7 @@ import logging
 import math
 from pathlib import Path
 
-from .errors import WandaError
+from .errors import WandaError, first_line
 
 log = logging.getLogger("wanda_core")
 
@@ -41,8 +41,7 @@ def load_tasks(tasks: list[str], include_path=None) -> dict:
     try:
         return {"manager": manager, "tasks": manager.load(list(tasks))["tasks"]}
     except Exception as e:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WandaError(f"cannot load the data of task(s) {', '.join(tasks)}: {text}") from None
+        raise WandaError(f"cannot load the data of task(s) {', '.join(tasks)}: {first_line(e)}") from None
 
 
 def evaluate(model, tokenizer, loaded: dict, limit=None, batch_size: int = 1, seed: int = 0, cache=None) -> list[dict]:
