@@ -1,4 +1,5 @@
 """The command line stages on a tiny model: outputs, round trips, and one clear error per bad input."""
+import json
 import math
 import subprocess
 import sys
@@ -120,3 +121,82 @@ def test_bad_input_one_error_line_no_output(case, args, message, tmp_path, tiny_
     assert len(errors) == 1 and message in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+@pytest.fixture(scope="module")
+def pruned_tiny(tmp_path_factory, tiny_dir, corpus):
+    root = tmp_path_factory.mktemp("pruned")
+    assert run("calibrate", "--model", tiny_dir, "--data", corpus, "--nsamples", 2, "--seqlen", 32, "--out", root / "calib.safetensors") == 0
+    assert run("prune", "--model", tiny_dir, "--method", "wanda", "--calibration", root / "calib.safetensors",
+               "--out", root / "pruned.safetensors", "--quiet") == 0
+    return root
+
+
+def test_artifacts_record_what_they_were_made_from(pruned_tiny, tiny_dir):
+    meta = wc.pruned.read_metadata(pruned_tiny / "pruned.safetensors")
+    calibration = json.loads(meta["calibration"])
+    assert calibration["nsamples"] == "2" and calibration["seqlen"] == "32" and len(calibration["hash"]) == 16
+    assert calibration["tokenizer"] and json.loads(meta["params"]) == {"variant": False}
+    assert meta["wanda_core"] == wc.__version__ and json.loads(meta["model_fingerprint"])["shapes"]
+    _, calib_meta = wc.load_windows(pruned_tiny / "calib.safetensors", with_metadata=True)
+    assert calib_meta["tokenizer"] == calibration["tokenizer"] and calib_meta["model"] == str(tiny_dir)
+
+
+def _cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "wanda_core", *map(str, args)], capture_output=True, text=True)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    return proc, errors
+
+
+def test_inputs_made_from_something_else_are_refused(tmp_path, pruned_tiny, tiny_dir, corpus):
+    other = save_tiny("llama", tmp_path / "other-llama", seed=1)  # same shapes, other weights
+    proc, errors = _cli("eval-ppl", "--model", other, "--pruned", pruned_tiny / "pruned.safetensors", "--data", corpus,
+                        "--seqlen", 32, "--out", tmp_path / "out" / "ppl.json")
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert f"pruned-weights file {pruned_tiny / 'pruned.safetensors'} was made from other weights" in errors[0]
+    gpt2 = save_tiny("gpt2", tmp_path / "tiny-gpt2")
+    proc, errors = _cli("sparsity", "--model", gpt2, "--pruned", pruned_tiny / "pruned.safetensors")
+    assert proc.returncode == 2 and "was made from a model with other layers or shapes" in errors[0], proc.stderr
+
+    # Calibration windows of another tokenizer (its fingerprint differs) cannot calibrate this model.
+    windows, meta = wc.load_windows(pruned_tiny / "calib.safetensors", with_metadata=True)
+    wc.save_windows(windows, tmp_path / "foreign.safetensors", {**meta, "tokenizer": "0123456789abcdef", "model": "gpt2-xl"})
+    proc, errors = _cli("prune", "--model", tiny_dir, "--method", "wanda", "--calibration", tmp_path / "foreign.safetensors",
+                        "--out", tmp_path / "out" / "p.safetensors")
+    assert proc.returncode == 2 and "was made with another tokenizer (gpt2-xl)" in errors[0], proc.stderr
+    wc.save_windows(windows + 1000, tmp_path / "ids.safetensors", {})
+    proc, errors = _cli("prune", "--model", tiny_dir, "--method", "wanda", "--calibration", tmp_path / "ids.safetensors",
+                        "--out", tmp_path / "out" / "p.safetensors")
+    assert proc.returncode == 2 and "outside this model's vocabulary of 256" in errors[0], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["pruned.safetensors", "calib.safetensors"])
+def test_truncated_cache_files_are_named(tmp_path, pruned_tiny, tiny_dir, corpus, name):
+    broken = tmp_path / name
+    data = (pruned_tiny / name).read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    if name == "pruned.safetensors":
+        args = ["eval-ppl", "--model", tiny_dir, "--pruned", broken, "--data", corpus, "--seqlen", 32]
+        message = f"cannot read pruned-weights file {broken}"
+    else:
+        args = ["prune", "--model", tiny_dir, "--method", "wanda", "--calibration", broken]
+        message = f"cannot read calibration file {broken}"
+    proc, errors = _cli(*args, "--out", tmp_path / "out" / "result.json")
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_perplexity_is_recorded_as_a_failure(tmp_path, corpus):
+    model_dir = save_tiny("llama", tmp_path / "broken-llama")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model_dir / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")  # a broken weight, as after an overflow
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    proc = subprocess.run([sys.executable, "-m", "wanda_core", "eval-ppl", "--model", str(model_dir), "--data", str(corpus),
+                           "--seqlen", "32", "--max-windows", "2", "--out", str(tmp_path / "ppl.json"), "--quiet"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "ppl.json").read_text())
+    assert math.isnan(result["perplexity"]) and result["status"].startswith("failed: the model's logits are NaN")

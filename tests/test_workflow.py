@@ -100,6 +100,22 @@ def test_bad_config_stops_before_any_job(tmp_path, tiny_sources, change, message
     assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
 
 
+def test_duplicate_model_names_and_labels_stop_before_any_job(tmp_path, tiny_sources):
+    config = base_config(tiny_sources)
+    text = yaml.safe_dump(config, sort_keys=False)
+    # A second entry under the same name: YAML alone would keep the last one without a word.
+    twice = text.replace("models:\n", f"models:\n  tiny-llama:\n    source: {tiny_sources['gpt2']}\n    group: Tiny\n", 1)
+    (tmp_path / "dup.yaml").write_text(twice)
+    proc = smk(tmp_path, tmp_path / "dup.yaml")
+    assert proc.returncode != 0
+    assert "duplicate key 'tiny-llama' (first on line 2)" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    config["models"]["other"] = {"source": str(tiny_sources["gpt2"]), "group": "Tiny", "label": "Tiny-LLaMA"}
+    proc = smk(tmp_path, config)
+    assert proc.returncode != 0
+    assert "'tiny-llama' and 'other' have the same label 'Tiny-LLaMA'" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
+
+
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory, tiny_sources, smollm2_dir, wikitext):
     """One real run: a tiny random model and SmolLM2-135M, on WikiText-2."""

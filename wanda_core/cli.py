@@ -52,16 +52,32 @@ def provenance() -> dict:
 def cmd_calibrate(a) -> None:
     from . import data, model
 
+    from .fingerprint import tokenizer_fingerprint
+
     tokenizer = model.load_tokenizer(a.model)
     ids = data.tokenize(tokenizer, data.read_corpus(a.data))
     windows = data.calibration_windows(ids, a.nsamples, a.seqlen, a.seed)
-    data.save_windows(windows, a.out, {"model": a.model, "data": a.data, "nsamples": a.nsamples,
-                                       "seqlen": a.seqlen, "seed": a.seed, **provenance()})
+    data.save_windows(windows, a.out, {"model": a.model, "tokenizer": tokenizer_fingerprint(tokenizer), "data": a.data,
+                                       "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed, **provenance()})
     log.info("wrote %s: %d windows of %d tokens from %d", a.out, a.nsamples, a.seqlen, ids.numel())
 
 
+def check_calibration(path, windows, meta: dict, m, tokenizer) -> dict:
+    """Calibration windows must be token ids of this model's tokenizer; returns what they were made from."""
+    from .fingerprint import tensor_hash, tokenizer_fingerprint
+
+    made_with = meta.get("tokenizer")
+    if made_with and made_with != tokenizer_fingerprint(tokenizer):
+        raise WandaError(f"calibration file {path} was made with another tokenizer ({meta.get('model')}) than this model's")
+    vocab = m.get_input_embeddings().weight.shape[0]
+    if int(windows.max()) >= vocab or int(windows.min()) < 0:
+        raise WandaError(f"calibration file {path} holds token id {int(windows.max())}, outside this model's vocabulary of {vocab}")
+    keep = ("model", "data", "nsamples", "seqlen", "seed", "tokenizer", "wanda_core")
+    return {"file": str(path), "hash": tensor_hash(windows), **{k: meta[k] for k in keep if k in meta}}
+
+
 def cmd_prune(a) -> None:
-    from . import data, engine, io, model, pruned
+    from . import data, engine, fingerprint, io, model, pruned
 
     params = _params(a.param)
     # Validate the method, pattern and options before the (slow) model load.
@@ -71,13 +87,16 @@ def cmd_prune(a) -> None:
     method = get_method(a.method)
     pattern = parse_pattern(a.pattern, None if ":" in a.pattern else a.sparsity)
     check_params(method, pattern, params)
-    windows = data.load_windows(a.calibration) if method.STATS else None
-    m, _ = model.load_model(a.model, a.dtype, a.weights_device)
+    windows, calib_meta = data.load_windows(a.calibration, with_metadata=True) if method.STATS else (None, {})
+    m, tokenizer = model.load_model(a.model, a.dtype, a.weights_device)
+    calibration = check_calibration(a.calibration, windows, calib_meta, m, tokenizer) if method.STATS else None
+    dense = fingerprint.model_fingerprint(m)  # what the pruned file is made from, checked when it is applied
     report = engine.prune(m, a.method, a.pattern, a.sparsity, windows, params, device=a.device,
                          batch_size=a.batch_size, keep_masks=True, progress=not a.quiet)
     masks = report.pop("masks")
     meta = {k: v for k, v in report.items() if k != "layers"}
-    pruned.save_pruned(m, a.out, masks, {"model": a.model, **meta, **provenance()})
+    pruned.save_pruned(m, a.out, masks, {"model": a.model, "model_fingerprint": dense, "calibration": calibration,
+                                         **meta, **provenance()})
     if a.stats:
         rows = [{"method": report["method"], "pattern": report["pattern"], **r} for r in report["layers"]]
         io.write_table(rows, a.stats)
@@ -95,9 +114,15 @@ def cmd_eval_ppl(a) -> None:
         pruned.load_pruned(m, a.pruned)
     ids = data.tokenize(tokenizer, text)
     t0 = time.perf_counter()
-    ppl = evaluate.perplexity(m, ids, a.seqlen, a.max_windows, a.batch_size, progress=not a.quiet)
-    result = {"model": a.model, "pruned": a.pruned, "data": a.data, "seqlen": a.seqlen,
-              "max_windows": a.max_windows, "perplexity": ppl, "seconds": time.perf_counter() - t0, **provenance()}
+    status = "ok"
+    try:
+        ppl = evaluate.perplexity(m, ids, a.seqlen, a.max_windows, a.batch_size, progress=not a.quiet)
+    except evaluate.NonFinitePerplexity as e:
+        # A result, not a crash: the table shows this model as failed, with the reason.
+        log.error("%s: perplexity failed: %s", a.pruned or a.model, e)
+        ppl, status = float("nan"), f"failed: {e}"
+    result = {"model": a.model, "pruned": a.pruned, "data": a.data, "seqlen": a.seqlen, "max_windows": a.max_windows,
+              "perplexity": ppl, "status": status, "seconds": time.perf_counter() - t0, **provenance()}
     if a.out:
         (io.write_table([result], a.out) if a.out.endswith((".parquet", ".csv")) else io.write_json(result, a.out))
     print(json.dumps({"perplexity": ppl}))

@@ -74,19 +74,21 @@ def save_windows(windows: torch.Tensor, path, metadata: dict | None = None) -> N
         save_file({"input_ids": windows.long().contiguous()}, str(tmp), metadata=meta)
 
 
-def load_windows(path) -> torch.Tensor:
+def load_windows(path, with_metadata: bool = False):
+    """The windows of a calibration file (and its metadata: what they were made from)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             windows = f.get_tensor("input_ids")
+            metadata = dict(f.metadata() or {})
     except FileNotFoundError:
         raise WandaError(f"calibration file not found: {path}") from None
     except Exception as e:
         raise WandaError(f"cannot read calibration file {path}: {e}") from None
     if windows.dim() != 2:
         raise WandaError(f"calibration file {path}: input_ids must be [nsamples, seqlen], got {tuple(windows.shape)}")
-    return windows
+    return (windows, metadata) if with_metadata else windows
 
 
 def pydoc_topics(part: str) -> list[str]:

@@ -7,6 +7,7 @@ block's inputs. Only the current block needs to be on the compute device.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -26,14 +27,14 @@ class _StopForward(Exception):
     pass
 
 
-def _to(obj, device):
-    """Move the tensors of a (nested) argument structure to `device`."""
+def _to(obj, device, dtype=None):
+    """Move the tensors of a (nested) argument structure to `device` (floating ones to `dtype`)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(_to(o, device, dtype) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
     return obj
 
 
@@ -65,6 +66,8 @@ class BlockInputs:
     def __init__(self):
         self.hidden: list[torch.Tensor] = []
         self.extras: dict[int, tuple[tuple, dict]] = {}
+        self.store = torch.device("cpu")  # where the hidden states are kept between blocks
+        self.dtype = torch.float32  # the model's activation dtype
 
     def hook(self, module, args, kwargs):
         kwargs = dict(kwargs)
@@ -73,18 +76,49 @@ class BlockInputs:
         self.extras.setdefault(hidden.shape[0], (tuple(args[1:]), kwargs))
         raise _StopForward
 
-    def run(self, block, store: torch.device, compute: torch.device, replace: bool) -> None:
-        """Run `block` on every batch; with replace=True its outputs become the new inputs."""
+    def run(self, block, compute: torch.device, replace: bool, dtype: torch.dtype | None = None) -> None:
+        """Run `block` on every batch; with replace=True its outputs become the new inputs.
+
+        dtype: run in this dtype (the float32 fallback) instead of the stored one. A replacing run
+        whose output overflows the stored dtype recomputes that batch in float32 and keeps it so.
+        """
         for j, hidden in enumerate(self.hidden):
-            args, kwargs = self.extras[hidden.shape[0]]
-            out = _block_output(block(hidden.to(compute), *args, **kwargs))
-            if replace:
-                self.hidden[j] = out.to(store)
+            out = self._forward(block, hidden, compute, dtype)
+            if not replace:
+                continue
+            if not torch.isfinite(out).all() and (dtype or hidden.dtype) != torch.float32:
+                log.warning("block output is not finite in %s; recomputing batch %d in float32", hidden.dtype, j)
+                with in_float32(block):
+                    out = self._forward(block, hidden, compute, torch.float32)
+            stored = out.to(self.store, self.dtype)
+            # Keep the wider dtype rather than infinities: the next block then falls back to float32 too.
+            self.hidden[j] = stored if torch.isfinite(stored).all() else out.to(self.store)
+
+    def _forward(self, block, hidden, compute, dtype):
+        args, kwargs = self.extras[hidden.shape[0]]
+        dtype = dtype or next(block.parameters()).dtype
+        if dtype != self.dtype:  # rotary tables and masks follow the hidden states' dtype
+            args, kwargs = _to(args, compute, dtype), _to(kwargs, compute, dtype)
+        return _block_output(block(hidden.to(compute, dtype), *args, **kwargs))
+
+
+@contextlib.contextmanager
+def in_float32(module):
+    """Run `module` in float32 for a while; every parameter and buffer gets its own dtype back after."""
+    saved = [(t, t.data) for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    for t, data in saved:
+        t.data = data.float()
+    try:
+        yield module
+    finally:
+        for t, data in saved:
+            t.data = data
 
 
 def capture_inputs(model, blocks, windows: torch.Tensor, compute, store, batch_size: int) -> BlockInputs:
     inputs = BlockInputs()
-    handle = blocks[0].register_forward_pre_hook(inputs.hook, with_kwargs=True)
+    # First among the pre-hooks: the capture stops the forward before anything else sees it.
+    handle = blocks[0].register_forward_pre_hook(inputs.hook, with_kwargs=True, prepend=True)
     try:
         for start in range(0, windows.shape[0], batch_size):
             try:
@@ -96,6 +130,7 @@ def capture_inputs(model, blocks, windows: torch.Tensor, compute, store, batch_s
     if len(inputs.hidden) * batch_size < windows.shape[0]:
         raise WandaError("calibration forward pass never reached the first decoder block")
     inputs.hidden = [h.to(store) for h in inputs.hidden]
+    inputs.store, inputs.dtype = store, inputs.hidden[0].dtype
     inputs.extras = {b: _to(e, compute) for b, e in inputs.extras.items()}
     return inputs
 
@@ -198,18 +233,9 @@ def prune(
     bar = tqdm(enumerate(blocks), total=len(blocks), desc=f"{m.NAME} {pat} {model_name}", disable=not progress)
     with torch.no_grad():
         for i, block in bar:
-            block.to(compute)
+            fetch_block(block, compute)
             targets = find_targets(block, f"{path}.{i}")
-            stats = {}
-            if m.STATS:
-                stats = {t.name: Stats() for t in targets}
-                handles = _stat_hooks(targets, stats, m.STATS)
-                try:
-                    inputs.run(block, inputs.store, compute, replace=False)
-                finally:
-                    for h in handles:
-                        h.remove()
-                _check_finite(stats, f"block {i}")
+            stats = _block_stats(block, targets, inputs, m.STATS, compute, f"{model_name} block {i}") if m.STATS else {}
             for t in targets:
                 tb = time.perf_counter()
                 keep, info = _prune_matrix(t, m, stats.get(t.name), pat, params)
@@ -221,9 +247,11 @@ def prune(
                     "tokens": stats[t.name].count if t.name in stats else 0, "peak_memory_bytes": _peak_memory(compute), **info,
                 })
             if inputs is not None and i + 1 < len(blocks):
-                inputs.run(block, inputs.store, compute, replace=True)
-            block.to(home)
-            log.debug("%s: pruned block %d/%d", model_name, i + 1, len(blocks))
+                inputs.run(block, compute, replace=True)
+            evict_block(block, home)
+            # Without a progress bar (workflow logs), one line per block says where the job is.
+            (log.debug if progress else log.info)("%s %s %s: pruned block %d/%d (%.1f s)", model_name, m.NAME, pat,
+                                                   i + 1, len(blocks), time.perf_counter() - t0)
     if inputs is not None and compute != home:
         _move_outside_blocks(model, blocks, home)
     pruned = sum(r["sparsity"] * r["rows"] * r["cols"] for r in layers)
@@ -275,12 +303,36 @@ def _prepare_calibration(model, blocks, calibration, compute, home, batch_size, 
     inputs = capture_inputs(model, blocks, calibration.long(), compute, store, batch_size)
     if store.type == "cpu" and compute.type == "cuda":
         inputs.hidden = [h.pin_memory() for h in inputs.hidden]
-    inputs.store = store
     return inputs
 
 
-def _check_finite(stats: dict[str, Stats], where: str) -> None:
-    for name, s in stats.items():
-        for value in (s.sqnorm, s.hessian):
-            if value is not None and not torch.isfinite(value).all():
-                raise WandaError(f"{name}: calibration statistics are not finite ({where}); the activations overflow in this dtype, use float32")
+def _block_stats(block, targets, inputs: BlockInputs, kind: str, compute, where: str) -> dict[str, Stats]:
+    """Input statistics of every matrix of `block`; recomputed in float32 if they overflow."""
+    for dtype in (None, torch.float32):
+        stats = {t.name: Stats() for t in targets}
+        handles = _stat_hooks(targets, stats, kind)
+        try:
+            with in_float32(block) if dtype else contextlib.nullcontext():
+                inputs.run(block, compute, replace=False, dtype=dtype)
+        finally:
+            for h in handles:
+                h.remove()
+        bad = [name for name, s in stats.items() if not s.finite()]
+        if not bad:
+            return stats
+        if dtype is None and next(block.parameters()).dtype != torch.float32:
+            log.warning("%s: statistics of %s are not finite in %s; recomputing this block's statistics in float32",
+                        where, ", ".join(bad), next(block.parameters()).dtype)
+            continue
+        break
+    raise WandaError(f"{bad[0]}: calibration statistics are not finite even in float32 ({where}); the activations entering this block overflow")
+
+
+def fetch_block(block, compute: torch.device) -> None:
+    """Bring one decoder block to the compute device (a no-op when it lives there)."""
+    block.to(compute)
+
+
+def evict_block(block, home: torch.device) -> None:
+    """Send a block back where the model's weights live, freeing the compute device for the next."""
+    block.to(home)

@@ -31,7 +31,15 @@ def perplexity(model, token_ids, seqlen: int = 2048, max_windows: int | None = N
         batch = windows[start : start + batch_size].to(device)
         logits = model(batch, use_cache=False).logits
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
-                               reduction="sum")
-        nll += loss.item()
+                               reduction="sum").item()
+        if not math.isfinite(loss):
+            what = "NaN" if torch.isnan(logits).any() else "infinite" if torch.isinf(logits).any() else "extreme"
+            raise NonFinitePerplexity(f"the model's logits are {what} in windows {start}-{start + len(batch) - 1} "
+                                      f"(dtype {logits.dtype}); the pruned model overflows or is broken")
+        nll += loss
         count += batch[:, 1:].numel()
     return math.exp(nll / count)
+
+
+class NonFinitePerplexity(WandaError):
+    """The loss of some window is NaN or infinite: a result to record as a failure, never as a number."""

@@ -56,12 +56,50 @@ def check_config(config: dict) -> None:
                 check_params(method, parse_pattern(pattern, None if ":" in pattern else sparsity), dict(spec.get("params", {})))
         except WandaError as e:
             raise WandaError(f"config methods.{name}: {e}") from None
+    check_unique_labels(config)
     calib = config["calibration"]["dataset"]
     if calib not in datasets:
         raise WandaError(f"config calibration.dataset: {calib!r} is not in datasets ({', '.join(datasets) or 'none'})")
     for ds in config["evals"]["perplexity"]["datasets"]:
         if ds not in datasets:
             raise WandaError(f"config evals.perplexity.datasets: {ds!r} is not in datasets ({', '.join(datasets) or 'none'})")
+
+
+def check_unique_labels(config: dict) -> None:
+    """Tables have one row per model label and one column per method label: two alike would merge."""
+    for section in ("models", "methods"):
+        seen = {}
+        for name, spec in config[section].items():
+            label = spec.get("label", name)
+            if label in seen:
+                raise WandaError(f"config {section}: {seen[label]!r} and {name!r} have the same label {label!r}")
+            seen[label] = name
+
+
+def check_duplicate_keys(path) -> None:
+    """YAML keeps the last of two equal keys without a word: two models of one name would lose one."""
+    from pathlib import Path
+
+    import yaml
+
+    class Strict(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node):
+        seen = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise WandaError(f"config file {path}, line {line}: duplicate key {key!r} (first on line {seen[key]})")
+            seen[key] = line
+        return loader.construct_mapping(node)
+
+    Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        yaml.load(Path(path).read_text(), Loader=Strict)
+    except yaml.YAMLError as e:
+        raise WandaError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
 
 
 def check_tasks(config: dict, basedir: str = ".") -> None:

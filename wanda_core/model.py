@@ -96,9 +96,12 @@ def load_model(source, dtype=None, device=None):
             raise WandaError(f"cannot read the config of model {source}: {first_line(e)}") from None
         if getattr(config, "is_encoder_decoder", False):
             raise WandaError(f"model {source} is an encoder-decoder ({config.model_type}); only decoder-only causal LMs are supported")
-    # A job that was given several GPUs spreads the model over them (evaluation of models larger than one GPU).
-    spread = device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1
-    log.info("loading model %s (%s) on %s", source, str(dtype).replace("torch.", ""), "all visible GPUs" if spread else device)
+    # device "cuda" (no index): accelerate places the model on the job's visible GPUs, spreading it over
+    # several when one is too small, and keeps what fits on none in CPU memory, streaming those blocks
+    # to a GPU as they run. A model that fits on one GPU simply goes there.
+    spread = device.type == "cuda" and device.index is None
+    log.info("loading model %s (%s) on %s", source, str(dtype).replace("torch.", ""),
+             f"{torch.cuda.device_count()} GPU(s), CPU for what does not fit" if spread else device)
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, device_map="auto" if spread else None, **kwargs)
     except Exception as e:
@@ -110,7 +113,10 @@ def load_model(source, dtype=None, device=None):
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     model.eval()
-    if not spread:
+    if spread:
+        placed = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()})
+        log.info("model %s placed on %s", source, ", ".join(placed) or device)
+    else:
         model.to(device)
     tokenizer = load_tokenizer(source)
     return model, tokenizer

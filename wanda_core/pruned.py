@@ -10,6 +10,7 @@ import json
 import torch
 
 from .errors import WandaError
+from .fingerprint import check_model
 from .io import atomic_path
 from .masks import pack_mask, unpack_mask
 from .model import all_targets
@@ -53,6 +54,7 @@ def read_metadata(path) -> dict:
 
 def _apply(model, path, with_values: bool) -> int:
     f, shapes = _read(path)
+    check_model(f.metadata().get("model_fingerprint"), model, f"pruned-weights file {path}")
     targets = {t.name: t for t in all_targets(model)}
     missing = sorted(set(shapes) ^ set(targets))
     if missing:

@@ -35,6 +35,21 @@ def _target_sparsity(method_kind: str, pattern: str) -> float | None:
     return pattern_args(pattern)[1]
 
 
+def _status(result: dict, metric: str, value: float) -> str:
+    """'ok', or 'failed: <reason>': a non-finite value never counts as a result."""
+    status = result.get("status")
+    if isinstance(status, str) and status != "ok":
+        return status
+    return "ok" if math.isfinite(value) else f"failed: non-finite {metric}"
+
+
+def _cell(hit: pd.DataFrame):
+    """A table cell: the value, 'failed' for a recorded failure, None for no result."""
+    if not len(hit):
+        return None
+    return float(hit["value"].iloc[0]) if hit["status"].iloc[0] == "ok" else "failed"
+
+
 def long_table(ppl_files: list[str], report_files: list[str], config: dict, zeroshot_files=()) -> pd.DataFrame:
     """One row per (model, method, pattern, data set or task, metric) with its provenance."""
     reports = {}
@@ -55,7 +70,7 @@ def long_table(ppl_files: list[str], report_files: list[str], config: dict, zero
             "params": json.dumps({**report.get("params", {}), **meth.get("params", {})}, sort_keys=True),
             "pattern": pattern, "target_sparsity": _target_sparsity(meth["method"], pattern),
             "sparsity": report.get("sparsity", 0.0), "dataset": dataset, "metric": metric, "value": value,
-            "status": "ok" if math.isfinite(value) else f"failed: non-finite {metric}", **extra,
+            "status": _status(result, metric, value), **extra,
             "prune_seconds": report.get("seconds"), "eval_seconds": result.get("seconds"),
             "calibration": f"{calib['dataset']} {calib['nsamples']}x{calib['seqlen']}", "seed": calib["seed"],
             "wanda_core": result.get("wanda_core"), "torch": result.get("torch"),
@@ -135,7 +150,7 @@ def wide_tables(df: pd.DataFrame, published: pd.DataFrame, config: dict) -> list
                 cell = {}
                 for m in cols:
                     hit = d[(d["model"] == model) & (d["method"] == m) & ((d["pattern"] == pattern) | (m in dense))]
-                    cell[config["methods"][m].get("label", m)] = float(hit["value"].iloc[0]) if len(hit) else None
+                    cell[config["methods"][m].get("label", m)] = _cell(hit)
                 rows.append({"group": spec["group"], "model": spec.get("label", model), "source": "measured", **cell})
                 if len(published):
                     pub = published[(published["model"] == model) & (published["dataset"] == dataset)]

@@ -38,6 +38,9 @@ class Stats:
             h = x.t() @ x
             self.hessian = h if self.hessian is None else self.hessian.add_(h)
 
+    def finite(self) -> bool:
+        return all(v is None or bool(torch.isfinite(v).all()) for v in (self.sqnorm, self.hessian))
+
     @staticmethod
     def uniform(in_features: int, kind: str, device=None) -> "Stats":
         """Stand-in when no token reached a matrix (an unused expert): every input weighs the same."""

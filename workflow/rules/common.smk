@@ -7,6 +7,11 @@ from snakemake.utils import validate
 from wanda_core import grid
 from wanda_core.errors import WandaError
 
+try:
+    for path in workflow.configfiles:
+        grid.check_duplicate_keys(path)
+except WandaError as e:
+    raise ValueError(str(e)) from None
 validate(config, "../schemas/config.schema.yaml")
 try:
     grid.check_config(config)

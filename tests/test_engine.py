@@ -1,0 +1,113 @@
+"""The engine under constraints: a simulated accelerator budget, and activations that overflow fp16."""
+import logging
+
+import pytest
+import torch
+
+import wanda_core as wc
+from tiny_models import tiny_input_ids, tiny_model
+from wanda_core import engine
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_one_block_resident_under_a_budget_smaller_than_the_model(method, monkeypatch):
+    """Simulated accelerator: a block counts as resident between fetch_block and evict_block.
+
+    The budget is half the model; it must hold one block, what lives outside the blocks and the
+    calibration activations, never two blocks, and no block may run without being resident.
+    """
+    model = tiny_model("llama", num_hidden_layers=8)
+    reference = tiny_model("llama", num_hidden_layers=8)
+    _, blocks = wc.find_blocks(model)
+    calibration = tiny_input_ids(batch=4, seq=64)
+
+    outside = _bytes(model.parameters()) - _bytes(blocks.parameters())
+    activations = calibration.numel() * model.config.hidden_size * 4
+    budget = _bytes(model.parameters()) // 2
+    one_block = max(_bytes(b.parameters()) for b in blocks)
+    assert outside + one_block + activations < budget  # the test means something only if so
+
+    resident, peak, runs = set(), [0], []
+    fetch, evict = engine.fetch_block, engine.evict_block
+
+    def fetch_tracked(block, device):
+        resident.add(id(block))
+        used = outside + activations + sum(_bytes(b.parameters()) for b in blocks if id(b) in resident)
+        peak[0] = max(peak[0], used)
+        assert used <= budget, f"{len(resident)} blocks resident: {used} bytes > budget {budget}"
+        fetch(block, device)
+
+    def evict_tracked(block, home):
+        evict(block, home)
+        resident.discard(id(block))
+
+    def must_be_resident(i):
+        def hook(module, args, kwargs):
+            assert id(module) in resident, f"block {i} ran without being on the accelerator"
+            runs.append(i)
+        return hook
+
+    for i, b in enumerate(blocks):
+        b.register_forward_pre_hook(must_be_resident(i), with_kwargs=True)
+    monkeypatch.setattr(engine, "fetch_block", fetch_tracked)
+    monkeypatch.setattr(engine, "evict_block", evict_tracked)
+    report = wc.prune(model, method, "unstructured", 0.5, calibration, device="cpu", batch_size=2, progress=False)
+
+    assert not resident  # every block went home
+    assert peak[0] == outside + activations + one_block
+    # Each block ran twice per batch (statistics, then the pruned block for the next inputs; the last once).
+    assert runs == [i for i in range(8) for _ in range(2 if i == 7 else 4)]
+    # Streaming changes nothing in the result.
+    wc.prune(reference, method, "unstructured", 0.5, calibration, batch_size=2, progress=False)
+    for a, b in zip(wc.all_targets(model), wc.all_targets(reference)):
+        assert torch.equal(a.weight(), b.weight()), a.name
+    assert report["sparsity"] == pytest.approx(0.5)
+
+
+def _overflowing_fp16_model():
+    """A tiny LLaMA whose block-0 MLP activations exceed fp16's range (65504) but not fp32's."""
+    model = tiny_model("llama", num_hidden_layers=3)
+    mlp = model.model.layers[0].mlp
+    with torch.no_grad():
+        mlp.up_proj.weight.mul_(2e5)
+        mlp.down_proj.weight.mul_(1e-5)
+    return model
+
+
+def test_overflowing_statistics_are_recomputed_in_float32(caplog):
+    calibration = tiny_input_ids(batch=4, seq=64)
+    fp16 = _overflowing_fp16_model().half()
+    # The premise: in fp16 the down_proj inputs of block 0 are infinite.
+    seen = []
+    handle = fp16.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, o: seen.append(torch.isfinite(a[0]).all()))
+    with torch.no_grad():
+        fp16(calibration)
+    handle.remove()
+    assert not seen[0]
+
+    fp32 = _overflowing_fp16_model().half().float()  # the same (fp16-representable) weights, in fp32
+    with caplog.at_level(logging.WARNING, logger="wanda_core"):
+        report = wc.prune(fp16, "wanda", "unstructured", 0.5, calibration, keep_masks=True, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if "recomputing" in r.getMessage()]
+    assert any("model.layers.0.mlp.down_proj" in w and "float32" in w for w in warnings), warnings
+    assert all(p.dtype == torch.float16 for p in fp16.parameters())  # the model keeps its dtype
+    assert all(torch.isfinite(t.weight()).all() for t in wc.all_targets(fp16))
+    assert report["sparsity"] == pytest.approx(0.5)
+
+    # Block 0 saw exactly what a float32 run sees, so its masks are those of the float32 model.
+    expected = wc.prune(fp32, "wanda", "unstructured", 0.5, calibration, keep_masks=True, progress=False)
+    for name, packed in report["masks"].items():
+        if name.startswith("model.layers.0."):
+            assert torch.equal(packed, expected["masks"][name]), name
+
+
+def test_statistics_that_overflow_even_in_float32_name_the_layer():
+    model = tiny_model("llama", num_hidden_layers=2)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.fill_(float("inf"))
+    with pytest.raises(wc.WandaError, match=r"model\.layers\.1\.mlp\.down_proj: calibration statistics are not finite even in float32"):
+        wc.prune(model, "wanda", "unstructured", 0.5, tiny_input_ids(batch=2, seq=32), progress=False)
