@@ -111,3 +111,31 @@ def test_statistics_that_overflow_even_in_float32_name_the_layer():
         model.model.layers[1].mlp.up_proj.weight.fill_(float("inf"))
     with pytest.raises(wc.WandaError, match=r"model\.layers\.1\.mlp\.down_proj: calibration statistics are not finite even in float32"):
         wc.prune(model, "wanda", "unstructured", 0.5, tiny_input_ids(batch=2, seq=32), progress=False)
+
+
+def test_matrices_reading_one_input_share_their_statistics(monkeypatch):
+    """q/k/v read one tensor, gate/up another: a LLaMA block builds 4 Hessians, not 7, with the same result."""
+    from wanda_core.methods import Stats
+
+    calls = []
+    add = Stats.add
+    monkeypatch.setattr(Stats, "add", lambda self, x, kind: (calls.append(id(self)), add(self, x, kind))[1])
+    model = tiny_model("llama", num_hidden_layers=2)
+    calibration = tiny_input_ids(batch=4, seq=32)
+    wc.prune(model, "sparsegpt", "unstructured", 0.5, calibration, batch_size=2, progress=False)
+    assert len(calls) == 2 * 2 * 4  # blocks x batches x (qkv, o, gate/up, down)
+
+    # Each matrix pruned alone, with statistics of its own, gives the same weights.
+    reference = tiny_model("llama", num_hidden_layers=2)
+    monkeypatch.setattr(Stats, "add", add)
+    monkeypatch.setattr(engine, "_stat_hooks", _unshared_hooks)
+    wc.prune(reference, "sparsegpt", "unstructured", 0.5, calibration, batch_size=2, progress=False)
+    for a, b in zip(wc.all_targets(model), wc.all_targets(reference)):
+        assert torch.equal(a.weight(), b.weight()), a.name
+
+
+def _unshared_hooks(targets, stats, kind):
+    def hook(mod, args, out, name):
+        stats[name].add(args[0].detach(), kind)
+
+    return [t.module.register_forward_hook(lambda m, a, o, name=t.name: hook(m, a, o, name)) for t in targets]

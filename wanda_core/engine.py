@@ -138,13 +138,25 @@ def capture_inputs(model, blocks, windows: torch.Tensor, compute, store, batch_s
 def _stat_hooks(targets: list[Target], stats: dict[str, Stats], kind: str) -> list:
     """Forward hooks that feed each matrix's inputs to its Stats. Experts see only their own tokens."""
     handles, by_experts = [], {}
+    previous = {"x": None, "name": None}  # the input the last hook saw, and whose statistics it went to
+    owner = {}  # matrix -> the matrix whose statistics it shares
     for t in targets:
         if t.kind == "expert":
             by_experts.setdefault(id(t.module), (t.module, []))[1].append(t)
             continue
 
         def hook(mod, args, out, name=t.name):
-            stats[name].add(args[0].detach(), kind)
+            x = args[0]
+            if x is previous["x"]:
+                # The same tensor as the matrix before (q/k/v, gate/up): one Stats object serves both,
+                # which saves an x^T x product (SparseGPT) and its memory.
+                owner[name] = previous["name"]
+                stats[name] = stats[previous["name"]]
+                return
+            if owner.get(name, name) != name:
+                raise WandaError(f"{name}: its input changed from one batch to the next; cannot share statistics")
+            stats[name].add(x.detach(), kind)
+            previous["x"], previous["name"] = x, name
 
         handles.append(t.module.register_forward_hook(hook))
     for experts, group in by_experts.values():

@@ -4,6 +4,8 @@ H = (2/N) sum x x^T; columns are processed left to right in blocks; inside a blo
 pruned weight's error is spread over the not-yet-processed columns through the upper Cholesky
 factor of H^-1, and the block's accumulated error is applied to all later columns at once.
 """
+import contextlib
+
 import torch
 
 from . import MatrixResult
@@ -52,19 +54,40 @@ def prune_matrix(weight, stats, pattern, blocksize=128, percdamp=0.01) -> Matrix
             mask1 = ~unstructured_matrix_mask(W1 * W1 / (d * d).unsqueeze(0), pattern.sparsity)
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            if pattern.kind == "nm" and i % pattern.m == 0:
-                # The N:M choice uses the weights as already updated by earlier columns.
-                g = W1[:, i : i + pattern.m]
-                mask1[:, i : i + pattern.m] = ~nm_mask(g * g / (d[i : i + pattern.m] ** 2).unsqueeze(0), pattern.n, pattern.m)
-            w = W1[:, i]
-            q = w.masked_fill(mask1[:, i], 0.0)
-            err = (w - q) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            W1[:, i] = q
-            Err1[:, i] = err
+        with _one_cpu_thread(W.device):
+            _prune_columns(W1, Hinv1, d, mask1, Err1, pattern)
         W[:, i1:i2] = W1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
         pruned[:, i1:i2] = mask1
     keep = ~pruned
     return MatrixResult(keep=keep, weight=W * keep)
+
+
+def _prune_columns(W1, Hinv1, d, mask1, Err1, pattern) -> None:
+    """Column by column inside one block: prune, and spread each column's error over the later ones."""
+    for i in range(W1.shape[1]):
+        if pattern.kind == "nm" and i % pattern.m == 0:
+            # The N:M choice uses the weights as already updated by earlier columns.
+            g = W1[:, i : i + pattern.m]
+            mask1[:, i : i + pattern.m] = ~nm_mask(g * g / (d[i : i + pattern.m] ** 2).unsqueeze(0), pattern.n, pattern.m)
+        w = W1[:, i]
+        q = w.masked_fill(mask1[:, i], 0.0)
+        err = (w - q) / Hinv1[i, i]
+        W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+        W1[:, i] = q
+        Err1[:, i] = err
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """The per-column updates are too small to split between CPU threads: every op would wait on a
+    barrier, 25x slower when another process shares the cores. The block-wide update keeps them all."""
+    if device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

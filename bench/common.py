@@ -1,0 +1,128 @@
+"""Helpers shared by the bench scripts: random LLaMA-shaped models, peak-RSS sampling, log-log fits, JSON out."""
+import json
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2"
+
+
+def llama_config(hidden, layers, heads, intermediate, vocab=32000, positions=2048):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       intermediate_size=intermediate, vocab_size=vocab, max_position_embeddings=positions,
+                       tie_word_embeddings=False)
+
+
+def random_llama(config, device="cpu", dtype=torch.float32, seed=0):
+    """A LlamaForCausalLM with random weights, built fast: no transformers init (1B params: ~5 s, not ~25 s)."""
+    from transformers import LlamaForCausalLM
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model = model.to_empty(device=device).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)  # RMSNorm weights
+    reset_weights(model, seed)
+    # The rotary inverse frequencies are a computed (non-persistent) buffer: build it again, in float32.
+    with torch.device(device):
+        model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    return model
+
+
+def reset_weights(model, seed=0):
+    """Fresh random matrices (uniform, std 0.02, like LLaMA's init), so each method prunes a dense model."""
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    a = 0.02 * math.sqrt(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.uniform_(-a, a, generator=g)
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples this process's resident memory every 20 ms in a thread (torch ops release the GIL).
+
+    ru_maxrss only ever grows over a process's life; this gives the peak of one section of it.
+    Short spikes between samples can be missed.
+    """
+
+    def __enter__(self):
+        self.before = self.peak = rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+def loglog_slope(xs, ys):
+    """Least-squares slope of log(y) against log(x): the exponent k in y ~ x^k."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y > 0]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    return round(sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx, 3) if sxx else None
+
+
+def machine_note(start_load=None):
+    """Context for noisy numbers: the 2 cores are shared with other work (tests run beside the benchmarks)."""
+    return {"cpus": os.cpu_count(), "torch": torch.__version__, "loadavg_start": start_load, "loadavg_end": loadavg()}
+
+
+def loadavg():
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def write_result(name, result, out_dir=None, echo=True):
+    """Print the figures as JSON and write them to bench/results/<name>.json (atomically: temp file, then rename)."""
+    text = json.dumps(result, indent=1)
+    if echo:
+        print(text, flush=True)
+    for folder in [RESULTS] + ([Path(out_dir)] if out_dir else []):
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{name}.json.tmp"
+        tmp.write_text(text + "\n")
+        os.replace(tmp, folder / f"{name}.json")
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
