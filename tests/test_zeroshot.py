@@ -74,3 +74,47 @@ def test_bad_task_fails_before_the_model_loads(tmp_path, args, message):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert not (tmp_path / "out.parquet").exists()
+
+
+def test_task_names_are_checked_from_a_cache_that_only_says_known(tmp_path, monkeypatch):
+    from wanda_core import zeroshot
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    indexed = []
+    real = zeroshot._task_manager
+    monkeypatch.setattr(zeroshot, "_task_manager", lambda path: indexed.append(path) or real(path))
+
+    zeroshot.check_task_names(["tiny_mc"], TASKS)  # first time: indexes and caches
+    assert len(indexed) == 1 and len(list((tmp_path / "cache" / "wanda-bench").glob("*.json"))) == 1
+    zeroshot.check_task_names(["tiny_mc", "tiny_mc_b"], TASKS)  # known: from the cache
+    assert len(indexed) == 1
+    with pytest.raises(wc.WandaError, match="unknown zero-shot task 'no_such_task'"):
+        zeroshot.check_task_names(["tiny_mc", "no_such_task"], TASKS)  # not in the cache: indexes again
+    assert len(indexed) == 2
+
+    other = tmp_path / "tasks"  # another include folder has its own cache
+    other.mkdir()
+    (other / "other.yaml").write_text("task: other_mc\ndataset_path: json\noutput_type: multiple_choice\n")
+    with pytest.raises(wc.WandaError, match="unknown zero-shot task 'tiny_mc'"):
+        zeroshot.check_task_names(["tiny_mc"], other)
+    assert len(indexed) == 3
+
+    for cache in (tmp_path / "cache" / "wanda-bench").glob("*.json"):
+        cache.write_text("{not json")  # a broken cache is rebuilt, never trusted
+    zeroshot.check_task_names(["tiny_mc"], TASKS)
+    assert len(indexed) == 4
+    zeroshot.check_task_names(["tiny_mc"], TASKS)
+    assert len(indexed) == 4
+
+
+def test_tasks_of_the_include_folder_load_without_indexing_lm_evals_own(monkeypatch):
+    from wanda_core import zeroshot
+
+    built = []
+    real = zeroshot._task_manager
+    monkeypatch.setattr(zeroshot, "_task_manager", lambda path, include_defaults=True: built.append(include_defaults) or real(path, include_defaults))
+    loaded = zeroshot.load_tasks(["tiny_mc", "tiny_mc_b"], TASKS)
+    assert set(loaded["tasks"]) == {"tiny_mc", "tiny_mc_b"} and built == [False]
+    with pytest.raises(wc.WandaError, match="unknown zero-shot task 'no_such_task'"):
+        zeroshot.load_tasks(["tiny_mc", "no_such_task"], TASKS)  # not in the folder: lm-eval's full index decides
+    assert built == [False, False, True]

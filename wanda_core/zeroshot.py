@@ -1,11 +1,15 @@
 """Zero-shot accuracy with lm-eval 0.4, on the model in memory (pruned weights applied, no checkpoint)."""
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
+import os
 from pathlib import Path
 
 from .errors import WandaError, first_line
+from .io import write_json
 
 log = logging.getLogger("wanda_core")
 
@@ -22,22 +26,67 @@ def _lm_eval():
     return lm_eval, TaskManager
 
 
-def check_task_names(tasks: list[str], include_path=None):
-    """The lm-eval TaskManager, after checking that every task name is known to it."""
-    _, TaskManager = _lm_eval()
+def _task_index_cache(include_path) -> Path:
+    """Where the task names of this lm-eval install (+ include folder) are cached; found without importing lm-eval."""
+    import hashlib
+    import importlib.metadata
+    import importlib.util
+
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None:
+        _lm_eval()  # raises the install hint
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wanda-bench"
+    key = f"{importlib.metadata.version('lm_eval')}|{spec.origin}|{Path(include_path).resolve() if include_path else ''}"
+    return root / f"lm_eval_tasks-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def _check_folder(include_path) -> None:
     if include_path and not Path(include_path).is_dir():
         raise WandaError(f"zero-shot task folder not found: {include_path}")
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
-    known = set(manager.all_tasks)
+
+
+def _task_manager(include_path, include_defaults: bool = True):
+    _, TaskManager = _lm_eval()
+    _check_folder(include_path)
+    return TaskManager(include_path=str(include_path) if include_path else None, include_defaults=include_defaults)
+
+
+def _check_known(tasks: list[str], known, include_path) -> None:
     for task in tasks:
         if task not in known:
             raise WandaError(f"unknown zero-shot task {task!r}" + (f" (searched lm-eval's tasks and {include_path})" if include_path else ""))
-    return manager
+
+
+def check_task_names(tasks: list[str], include_path=None) -> None:
+    """Stops with a clear message if lm-eval (plus include_path) does not know every task name.
+
+    lm-eval indexes its ~15,000 task files in about 8 s, which every `snakemake` start would pay, so
+    the known names are cached per lm-eval install and include folder. The cache only ever says
+    "known": a name it lacks makes a fresh index before the answer is no.
+    """
+    _check_folder(include_path)
+    cache = _task_index_cache(include_path)
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        if set(tasks) <= set(json.loads(cache.read_text())):
+            return
+    known = set(_task_manager(include_path).all_tasks)
+    with contextlib.suppress(OSError):
+        write_json(sorted(known), cache)
+    _check_known(tasks, known, include_path)
 
 
 def load_tasks(tasks: list[str], include_path=None) -> dict:
-    """Resolve task names and load their data: fails with a clear message before any model is loaded."""
-    manager = check_task_names(tasks, include_path)
+    """Resolve task names and load their data: fails with a clear message before any model is loaded.
+
+    Tasks that the include folder alone defines are loaded without indexing lm-eval's own (8 s a job).
+    """
+    if include_path:
+        local = _task_manager(include_path, include_defaults=False)
+        if set(tasks) <= set(local.all_tasks):
+            with contextlib.suppress(Exception):  # e.g. a group naming lm-eval's tasks: the full index below
+                return {"manager": local, "tasks": local.load(list(tasks))["tasks"]}
+    manager = _task_manager(include_path)
+    _check_known(tasks, set(manager.all_tasks), include_path)
     try:
         return {"manager": manager, "tasks": manager.load(list(tasks))["tasks"]}
     except Exception as e:

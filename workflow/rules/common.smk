@@ -15,7 +15,8 @@ except WandaError as e:
 validate(config, "../schemas/config.schema.yaml")
 try:
     grid.check_config(config)
-    grid.check_tasks(config, workflow.basedir)
+    if workflow.is_main_process:  # a job (SLURM, containers) re-reads the workflow; its command checks its task
+        grid.check_tasks(config, workflow.basedir)
 except WandaError as e:
     raise ValueError(str(e)) from None
 
