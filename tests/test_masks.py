@@ -32,6 +32,23 @@ def test_ties_prune_lower_index_first():
     assert unstructured_matrix_mask(score, 0.5).tolist() == [[False] * 4, [True] * 4]
 
 
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.75])
+def test_rows_with_and_without_ties_match_a_stable_sort(sparsity):
+    # Few distinct values in some rows (ties at the k-th), distinct floats in the others: the
+    # selection takes a fast path for untied rows only, and must agree with the definition.
+    g = torch.Generator().manual_seed(0)
+    score = torch.rand(64, 48, generator=g)
+    score[::3] = torch.randint(0, 4, (22, 48), generator=g).float()
+    k = int(48 * sparsity)
+    lowest = torch.argsort(score, dim=1, stable=True)[:, :k]
+    expected = torch.ones_like(score, dtype=torch.bool).scatter_(1, lowest, False)
+    assert torch.equal(unstructured_row_mask(score, sparsity), expected)
+    flat = score.reshape(1, -1)
+    lowest = torch.argsort(flat, dim=1, stable=True)[:, : int(flat.numel() * sparsity)]
+    expected = torch.ones_like(flat, dtype=torch.bool).scatter_(1, lowest, False).reshape(score.shape)
+    assert torch.equal(unstructured_matrix_mask(score, sparsity), expected)
+
+
 def test_nm_groups():
     score = torch.tensor([[1.0, 5.0, 2.0, 4.0, 8.0, 7.0, 6.0, 5.0]])
     assert nm_mask(score, 2, 4).tolist() == [[False, True, False, True, True, True, False, False]]
