@@ -7,8 +7,9 @@ revisions kept exactly the same weights.
 
     python bench/bench_revisions.py --before 050448b [--after HEAD] [--runs wanda:unstructured,sparsegpt:2:4] [--reps 2]
 
-`--busy N` keeps N other processes multiplying matrices meanwhile (each on one thread), as when
-several workflow jobs share a machine; the result is then written as revisions_busy<N>_cpu.json.
+Writes bench/results/revisions_<before>_<after>_cpu.json. `--busy N` keeps N other processes
+multiplying matrices meanwhile (each on one thread), as when several workflow jobs share a
+machine (the file name then ends in _busy<N>_cpu.json).
 """
 import argparse
 import json
@@ -94,7 +95,8 @@ def main():
               "busy_processes": args.busy,
               "note": "2 shared cores: runs alternate between revisions so load hits both alike; see loadavg",
               "machine": common.machine_note(start_load), "rows": rows}
-    common.write_result(f"revisions_busy{args.busy}_cpu" if args.busy else "revisions_cpu", result)
+    suffix = f"_busy{args.busy}" if args.busy else ""
+    common.write_result(f"revisions_{revs['before']}_{revs['after']}{suffix}_cpu", result)
 
 
 def compare(args, revs, rows):
