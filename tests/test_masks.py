@@ -39,14 +39,15 @@ def test_rows_with_and_without_ties_match_a_stable_sort(sparsity):
     g = torch.Generator().manual_seed(0)
     score = torch.rand(64, 48, generator=g)
     score[::3] = torch.randint(0, 4, (22, 48), generator=g).float()
-    k = int(48 * sparsity)
-    lowest = torch.argsort(score, dim=1, stable=True)[:, :k]
-    expected = torch.ones_like(score, dtype=torch.bool).scatter_(1, lowest, False)
-    assert torch.equal(unstructured_row_mask(score, sparsity), expected)
-    flat = score.reshape(1, -1)
-    lowest = torch.argsort(flat, dim=1, stable=True)[:, : int(flat.numel() * sparsity)]
-    expected = torch.ones_like(flat, dtype=torch.bool).scatter_(1, lowest, False).reshape(score.shape)
-    assert torch.equal(unstructured_matrix_mask(score, sparsity), expected)
+    assert torch.equal(unstructured_row_mask(score, sparsity), _keep_by_stable_sort(score, sparsity))
+    flat = _keep_by_stable_sort(score.reshape(1, -1), sparsity).reshape(score.shape)
+    assert torch.equal(unstructured_matrix_mask(score, sparsity), flat)
+
+
+def _keep_by_stable_sort(score, sparsity):
+    """The definition: each row drops its int(width * sparsity) lowest scores, lower index first among equals."""
+    lowest = torch.argsort(score, dim=1, stable=True)[:, : int(score.shape[1] * sparsity)]
+    return torch.ones_like(score, dtype=torch.bool).scatter_(1, lowest, False)
 
 
 def test_nm_groups():
