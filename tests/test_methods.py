@@ -56,9 +56,12 @@ def test_wanda_variant_meets_target_with_one_alpha():
 
 
 def test_registry_lists_all_methods():
-    assert {"dense", "magnitude", "wanda", "sparsegpt", "three_tier", "block", "block_topk", "hybrid_nm"} <= set(METHODS)
+    assert {"dense", "magnitude", "wanda", "sparsegpt", "three_tier", "block", "block_topk", "hybrid_nm",
+            "ria", "owl", "dsnot"} <= set(METHODS)
+    kinds = {"sqnorm", "hessian", "moments"}
     for m in METHODS.values():
-        assert m.STATS in (None, "sqnorm", "hessian") and callable(m.prune_matrix)
+        stats = (m.STATS,) if isinstance(m.STATS, str) else m.STATS or ()
+        assert set(stats) <= kinds and callable(m.prune_matrix)
 
 
 def test_stats_accumulate_in_float32():

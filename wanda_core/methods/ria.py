@@ -1,0 +1,67 @@
+"""RIA, Relative Importance and Activations (Zhang et al., ICLR 2024, "Plug-and-Play").
+
+score_ij = (|W_ij| / sum_i |W_ij| + |W_ij| / sum_j |W_ij|) * ||X_j||_2 ** a
+(each weight relative to its input column's and to its output row's absolute sum, times the
+input norm to the power a). Unstructured pruning compares within the whole matrix, as the
+authors' default (`per_row: true` compares within each output row, their --per_outneuron);
+N:M keeps the N highest of each group. `reallocation: true` is their heuristic channel
+reallocation for N:M: input channels are permuted so that each group of M mixes channels of
+every importance level, N:M is chosen in that order, and the mask maps back to the original
+columns (so the matrix is N:M only after the same permutation of its inputs).
+"""
+import torch
+
+from . import MatrixResult
+from ..errors import WandaError
+from ..masks import nm_mask, pattern_mask
+
+NAME = "ria"
+STATS = "sqnorm"
+PARAMS = {"a": 0.5, "per_row": False, "reallocation": False}
+PATTERNS = ("unstructured", "nm")
+
+
+def score(weight: torch.Tensor, stats, a: float = 0.5) -> torch.Tensor:
+    w = weight.abs()
+    col_sums = w.sum(0, keepdim=True)  # over the output rows: one sum per input channel
+    row_sums = w.sum(1, keepdim=True)  # over the inputs: one sum per output row
+    # An all-zero row or column (already pruned) scores 0 there, instead of the reference's 0/0 = NaN.
+    relative = w / col_sums.masked_fill(col_sums == 0, 1.0) + w / row_sums.masked_fill(row_sums == 0, 1.0)
+    # The reference's activation factor is sqrt(mean of x^2) ** a: a constant factor away from this one.
+    return relative * stats.sqnorm.sqrt().pow(a).unsqueeze(0)
+
+
+def prune_matrix(weight, stats, pattern, a=0.5, per_row=False, reallocation=False) -> MatrixResult:
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or not a >= 0:
+        raise WandaError(f"RIA exponent a must be a number >= 0, got {a!r}")
+    for key, value in (("per_row", per_row), ("reallocation", reallocation)):
+        if not isinstance(value, bool):
+            raise WandaError(f"RIA option {key} must be true or false, got {value!r}")
+    if reallocation and pattern.kind != "nm":
+        raise WandaError("RIA reallocation applies to N:M patterns only")
+    s = score(weight, stats, a)
+    if reallocation:
+        return MatrixResult(keep=reallocated_nm_mask(s, pattern.n, pattern.m))
+    return MatrixResult(keep=pattern_mask(s, pattern, per_row=per_row))
+
+
+def reallocation_order(s: torch.Tensor, m: int) -> torch.Tensor:
+    """The reference's heuristic channel order: columns sorted by their total score and dealt out
+    in M equal runs; position k of every group of M takes the next column of run k, runs of even k
+    in ascending and of odd k in descending order (a snake), so each group mixes every level."""
+    cols = s.shape[1]
+    if cols % m:
+        raise WandaError(f"input width {cols} is not divisible by M={m} for an N:M pattern")
+    ranked = torch.sort(s.sum(0), stable=True).indices
+    order = torch.empty_like(ranked)
+    for k in range(m):
+        run = ranked[cols * k // m : cols * (k + 1) // m]
+        order[k::m] = run.flip(0) if k % 2 else run
+    return order
+
+
+def reallocated_nm_mask(s: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    order = reallocation_order(s, m)
+    keep = torch.empty_like(s, dtype=torch.bool)
+    keep[:, order] = nm_mask(s[:, order], n, m)
+    return keep
