@@ -150,6 +150,40 @@ def test_ria_channel_reallocation_matches_the_authors_heuristic():
     assert (keep[:, index].reshape(12, -1, m).sum(-1) == n).all()
 
 
+def test_ria_linear_sum_assignment_matches_the_authors_procedure():
+    from scipy.optimize import linear_sum_assignment
+
+    x, w = _inputs(d=64), _weight(out=12, d=64)
+    n, m = 2, 4
+    st = _stats(x, "sqnorm")
+    s = ria.score(w, st)
+    heuristic = ria.reallocation_order(s, m).tolist()
+    keep = ria.prune_matrix(w.clone(), st, parse_pattern("2:4"), reallocation=True, lsa=True).keep
+    ref = s.double().tolist()
+    groups = 64 // m
+
+    def kept_score(columns):  # the group's N best scores, summed over the rows
+        return sum(sum(sorted((row[c] for c in columns), reverse=True)[:n]) for row in ref)
+
+    def total(index):
+        return sum(kept_score(index[g * m : (g + 1) * m]) for g in range(groups))
+
+    index = list(heuristic)
+    for k in range(m):  # their lsa(): score[g][r] = group g with its slot-k channel taken from group r
+        score = [[kept_score([index[r * m + k]] + [index[g * m + j] for j in range(m) if j != k]) for r in range(groups)]
+                 for g in range(groups)]
+        _, col = linear_sum_assignment(score, maximize=True)
+        index = [index[col[p // m] * m + k] if p % m == k else index[p] for p in range(64)]
+    expected = torch.ones(w.shape, dtype=torch.bool)
+    for i, row in enumerate(ref):
+        for g in range(groups):
+            cols = index[g * m : (g + 1) * m]
+            for j in pruned_lowest([row[c] for c in cols], m - n):
+                expected[i, cols[j]] = False
+    assert torch.equal(keep, expected)
+    assert total(index) > total(heuristic) > total(list(range(64)))  # each step keeps more of the score
+
+
 # ----------------------------------------------------------------------------- OWL
 
 def owl_ratio_reference(scores, M):
@@ -359,6 +393,7 @@ def test_dsnot_sparsegpt_init_uses_the_obs_score_per_row():
     ("ria", "unstructured", {"a": -1}, "exponent a must be"),
     ("ria", "unstructured", {"reallocation": True}, "N:M patterns only"),
     ("ria", "2:4", {"per_row": "yes"}, "per_row must be true or false"),
+    ("ria", "2:4", {"lsa": True}, "set reallocation too"),
     ("dsnot", "unstructured", {"init": "ria"}, "DSnoT init must be one of"),
     ("dsnot", "unstructured", {"skip": "fc"}, "DSnoT skip must be one of"),
     ("dsnot", "unstructured", {"max_cycles": 2.5}, "max_cycles must be a whole number"),
@@ -375,7 +410,7 @@ def test_good_options_pass():
     assert check_params(get_method("owl"), parse_pattern("3:8"), {"lambda": 2, "M": 6})["lambda"] == 2
     assert check_params(get_method("owl"), parse_pattern("unstructured", 0.7), {"base": "sparsegpt"})["M"] == 5.0
     assert check_params(get_method("dsnot"), parse_pattern("2:4"), {"init": "sparsegpt"})["max_cycles"] == 50
-    assert check_params(get_method("ria"), parse_pattern("4:8"), {"reallocation": True})["a"] == 0.5
+    assert check_params(get_method("ria"), parse_pattern("4:8"), {"reallocation": True, "lsa": True})["a"] == 0.5
 
 
 @pytest.mark.parametrize("args,message", [

@@ -7,7 +7,10 @@ authors' default (`per_row: true` compares within each output row, their --per_o
 N:M keeps the N highest of each group. `reallocation: true` is their heuristic channel
 reallocation for N:M: input channels are permuted so that each group of M mixes channels of
 every importance level, N:M is chosen in that order, and the mask maps back to the original
-columns (so the matrix is N:M only after the same permutation of its inputs).
+columns (so the matrix is N:M only after the same permutation of its inputs). `lsa: true` then
+refines that order as their --lsa does: for each slot k of the groups in turn, the slot-k
+channels are reassigned among the groups by a linear sum assignment that maximizes the total
+kept score (scipy's linear_sum_assignment; their --fast block split is not implemented).
 """
 import torch
 
@@ -17,7 +20,7 @@ from ..masks import nm_mask, pattern_mask
 
 NAME = "ria"
 STATS = "sqnorm"
-PARAMS = {"a": 0.5, "per_row": False, "reallocation": False}
+PARAMS = {"a": 0.5, "per_row": False, "reallocation": False, "lsa": False}
 PATTERNS = ("unstructured", "nm")
 
 
@@ -31,17 +34,24 @@ def score(weight: torch.Tensor, stats, a: float = 0.5) -> torch.Tensor:
     return relative * stats.sqnorm.sqrt().pow(a).unsqueeze(0)
 
 
-def prune_matrix(weight, stats, pattern, a=0.5, per_row=False, reallocation=False) -> MatrixResult:
+def prune_matrix(weight, stats, pattern, a=0.5, per_row=False, reallocation=False, lsa=False) -> MatrixResult:
     if isinstance(a, bool) or not isinstance(a, (int, float)) or not a >= 0:
         raise WandaError(f"RIA exponent a must be a number >= 0, got {a!r}")
-    for key, value in (("per_row", per_row), ("reallocation", reallocation)):
+    for key, value in (("per_row", per_row), ("reallocation", reallocation), ("lsa", lsa)):
         if not isinstance(value, bool):
             raise WandaError(f"RIA option {key} must be true or false, got {value!r}")
     if reallocation and pattern.kind != "nm":
         raise WandaError("RIA reallocation applies to N:M patterns only")
+    if lsa and not reallocation:
+        raise WandaError("RIA lsa refines the channel reallocation: set reallocation too")
     s = score(weight, stats, a)
     if reallocation:
-        return MatrixResult(keep=reallocated_nm_mask(s, pattern.n, pattern.m))
+        order = reallocation_order(s, pattern.m)
+        if lsa:
+            order = lsa_order(s, order, pattern.n, pattern.m)
+        keep = torch.empty_like(s, dtype=torch.bool)
+        keep[:, order] = nm_mask(s[:, order], pattern.n, pattern.m)
+        return MatrixResult(keep=keep)
     return MatrixResult(keep=pattern_mask(s, pattern, per_row=per_row))
 
 
@@ -60,8 +70,27 @@ def reallocation_order(s: torch.Tensor, m: int) -> torch.Tensor:
     return order
 
 
-def reallocated_nm_mask(s: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    order = reallocation_order(s, m)
-    keep = torch.empty_like(s, dtype=torch.bool)
-    keep[:, order] = nm_mask(s[:, order], n, m)
-    return keep
+def lsa_order(s: torch.Tensor, order: torch.Tensor, n: int, m: int, chunk: int = 64) -> torch.Tensor:
+    """The reference's linear-sum-assignment pass over a channel order, slot by slot.
+
+    With slot k of group g holding channel c and the group's other M - 1 channels fixed, the group
+    keeps its N - 1 best others plus the better of c and its N-th best other: summed over the rows,
+    gain[g, r] = top(N-1 others of g) + sum_i max(s[i, channel at slot k of group r], N-th other of g[i]).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = s.shape
+    groups = cols // m
+    order = order.clone()
+    for k in range(m):
+        p = s[:, order].double().reshape(rows, groups, m)
+        others = torch.cat([p[:, :, :k], p[:, :, k + 1 :]], dim=2).sort(dim=2, descending=True).values
+        best = others[:, :, : n - 1].sum((0, 2))  # [groups]
+        nth = others[:, :, n - 1]  # [rows, groups]
+        slot = p[:, :, k]  # [rows, groups]: the candidates
+        gain = torch.cat([torch.maximum(slot.unsqueeze(1), nth[:, g : g + chunk].unsqueeze(2)).sum(0)
+                          for g in range(0, groups, chunk)])  # [groups, candidates]
+        _, pick = linear_sum_assignment((gain + best.unsqueeze(1)).cpu().numpy(), maximize=True)
+        at_k = order[k::m].clone()
+        order[k::m] = at_k[torch.as_tensor(pick, device=order.device)]
+    return order
