@@ -2,11 +2,16 @@
 
 A method module defines:
   NAME       the registry key
-  STATS      which calibration statistics it needs: None, "sqnorm" or "hessian"
+  STATS      which calibration statistics it needs: None, a kind ("sqnorm", "hessian") or a tuple of kinds;
+             a module whose needs depend on its options defines stats_kinds(params) instead
   PARAMS     its options with their defaults
   PATTERNS   the pattern kinds it accepts ("unstructured", "nm")
   prune_matrix(weight, stats, pattern, **params) -> MatrixResult
-where `weight` is the [out_features, in_features] float32 matrix (a copy the method may modify).
+where `weight` is the [out_features, in_features] float32 matrix (a copy the method may modify);
+a prune_matrix with a `name` parameter also gets the matrix's dotted name.
+Optional per-block allocation (OWL): ALLOCATION_STATS, block_score(matrices, params) -> float for
+each block of a dense pre-pass (matrices: [(name, float32 weight, Stats)]), and
+allocate(scores, pattern, params) -> one Pattern per block.
 """
 from __future__ import annotations
 
@@ -26,15 +31,17 @@ class Stats:
     sqnorm: torch.Tensor | None = None  # [in]: sum over tokens of x_j^2
     hessian: torch.Tensor | None = None  # [in, in]: sum over tokens of x x^T
 
-    def add(self, x: torch.Tensor, kind: str) -> None:
+    def add(self, x: torch.Tensor, kinds) -> None:
+        """Accumulate the statistics `kinds` (one kind or several) of the inputs x [..., features]."""
+        kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
         x = x.reshape(-1, x.shape[-1]).float()
         if x.shape[0] == 0:
             return
         self.count += x.shape[0]
-        if kind == "sqnorm":
+        if "sqnorm" in kinds:
             sq = (x * x).sum(0)
             self.sqnorm = sq if self.sqnorm is None else self.sqnorm.add_(sq)
-        elif kind == "hessian":
+        if "hessian" in kinds:
             h = x.t() @ x
             self.hessian = h if self.hessian is None else self.hessian.add_(h)
 
@@ -42,11 +49,11 @@ class Stats:
         return all(v is None or bool(torch.isfinite(v).all()) for v in (self.sqnorm, self.hessian))
 
     @staticmethod
-    def uniform(in_features: int, kind: str, device=None) -> "Stats":
+    def uniform(in_features: int, kinds, device=None) -> "Stats":
         """Stand-in when no token reached a matrix (an unused expert): every input weighs the same."""
-        if kind == "sqnorm":
-            return Stats(1, sqnorm=torch.ones(in_features, device=device))
-        return Stats(1, hessian=torch.eye(in_features, device=device))
+        kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+        return Stats(1, sqnorm=torch.ones(in_features, device=device) if "sqnorm" in kinds else None,
+                     hessian=torch.eye(in_features, device=device) if "hessian" in kinds else None)
 
 
 @dataclass
@@ -72,6 +79,21 @@ def get_method(name: str):
         raise WandaError(f"unknown method {name!r}: choose one of {', '.join(sorted(METHODS))}") from None
 
 
+def stats_kinds(method, params: dict) -> tuple[str, ...]:
+    """The calibration statistics a method needs with these options (empty: no calibration)."""
+    if hasattr(method, "stats_kinds"):
+        return tuple(method.stats_kinds(params))
+    kinds = method.STATS
+    kinds = () if kinds is None else (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    if hasattr(method, "allocate"):  # a dense pre-pass over the model decides each block's sparsity
+        kinds = tuple(dict.fromkeys((*kinds, method.ALLOCATION_STATS)))
+    return kinds
+
+
+def needs_calibration(method, params: dict | None = None) -> bool:
+    return bool(stats_kinds(method, {**method.PARAMS, **(params or {})}))
+
+
 def check_params(method, pattern: Pattern, params: dict) -> dict:
     """Fill defaults, reject unknown options and unsupported patterns."""
     unknown = set(params) - set(method.PARAMS)
@@ -85,7 +107,8 @@ def check_params(method, pattern: Pattern, params: dict) -> dict:
     # rather than after a model has been loaded and calibrated.
     cols = 16 * (pattern.m or 4)
     dummy = torch.rand(16, cols, generator=torch.Generator().manual_seed(0))
-    stats = Stats.uniform(cols, method.STATS) if method.STATS else None
+    kinds = stats_kinds(method, params)
+    stats = Stats.uniform(cols, kinds) if kinds else None
     try:
         method.prune_matrix(dummy, stats, pattern, **params)
     except TypeError as e:
