@@ -119,7 +119,7 @@ def test_matrices_reading_one_input_share_their_statistics(monkeypatch):
 
     calls = []
     add = Stats.add
-    monkeypatch.setattr(Stats, "add", lambda self, x, kind: (calls.append(id(self)), add(self, x, kind))[1])
+    monkeypatch.setattr(Stats, "add", lambda self, x, kinds: (calls.append(id(self)), add(self, x, kinds))[1])
     model = tiny_model("llama", num_hidden_layers=2)
     calibration = tiny_input_ids(batch=4, seq=32)
     wc.prune(model, "sparsegpt", "unstructured", 0.5, calibration, batch_size=2, progress=False)
@@ -134,8 +134,8 @@ def test_matrices_reading_one_input_share_their_statistics(monkeypatch):
         assert torch.equal(a.weight(), b.weight()), a.name
 
 
-def _unshared_hooks(targets, stats, kind):
-    def hook(mod, args, out, name):
-        stats[name].add(args[0].detach(), kind)
+def _unshared_hooks(targets, stats, kinds, chunk=0, prune=None):
+    def hook(mod, args, name):
+        stats[name].add(args[0].detach(), kinds)
 
-    return [t.module.register_forward_hook(lambda m, a, o, name=t.name: hook(m, a, o, name)) for t in targets]
+    return [t.module.register_forward_pre_hook(lambda m, a, name=t.name: hook(m, a, name)) for t in targets]

@@ -429,3 +429,95 @@ def test_cli_bad_options_one_error_line_no_output(args, message, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr and not out.parent.exists()
+
+
+# ----------------------------------------------------------------------------- on a tiny model, through the engine
+
+def _dense_sqnorms(model, calibration):
+    """sum of x_j^2 at every matrix's input, from one dense forward pass of the whole model."""
+    import wanda_core as wc
+
+    sq, handles = {}, []
+    for t in wc.all_targets(model):
+        def hook(mod, args, out, name=t.name):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sq[name] = sq.get(name, 0) + (x * x).sum(0)
+        handles.append(t.module.register_forward_hook(hook))
+    with torch.no_grad():
+        model(calibration, use_cache=False)
+    for h in handles:
+        h.remove()
+    return sq
+
+
+def test_owl_on_a_tiny_model_allocates_from_the_dense_model():
+    import wanda_core as wc
+    from tiny_models import tiny_input_ids, tiny_model
+
+    model = tiny_model("llama", num_hidden_layers=6)
+    calibration = tiny_input_ids(batch=4, seq=64)
+    sq = _dense_sqnorms(model, calibration)
+    path, blocks = wc.find_blocks(model)
+    ratios = []
+    for i, block in enumerate(blocks):
+        targets = wc.find_targets(block, f"{path}.{i}")
+        ratios.append(owl_ratio_reference([t.weight().detach().double().abs() * sq[t.name].sqrt() for t in targets], 3.0))
+    lam, target = 0.1, 0.6
+    lo, hi = min(ratios), max(ratios)
+    scaled = [(r - lo) / (hi - lo) * 2 * lam for r in ratios]
+    expected = [1 - (v - sum(scaled) / len(scaled) + (1 - target)) for v in scaled]
+
+    report = wc.prune(model, "owl", "unstructured", target, calibration, params={"M": 3, "lambda": lam}, progress=False)
+    assert report["block_sparsity"] == pytest.approx(expected, abs=1e-9)
+    for row in report["layers"]:
+        s = expected[row["block"]]
+        assert row["block_sparsity"] == pytest.approx(s, abs=1e-9)
+        assert row["sparsity"] == pytest.approx(int(row["cols"] * s) / row["cols"])  # Wanda: per row
+    # The same as Wanda with those sparsities given per block (the engine's general feature).
+    again = tiny_model("llama", num_hidden_layers=6)
+    wc.prune(again, "wanda", "unstructured", report["block_sparsity"], calibration, progress=False)
+    for a, b in zip(wc.all_targets(model), wc.all_targets(again)):
+        assert torch.equal(a.weight(), b.weight()), a.name
+
+
+def test_owl_nm_and_magnitude_base_on_a_tiny_model():
+    import wanda_core as wc
+    from tiny_models import tiny_input_ids, tiny_model
+
+    calibration = tiny_input_ids(batch=2, seq=32)
+    model = tiny_model("llama", num_hidden_layers=4)
+    report = wc.prune(model, "owl", "4:8", None, calibration, params={"lambda": 2, "M": 3}, progress=False)
+    assert len(report["block_sparsity"]) == 4 and len(set(report["block_sparsity"])) > 1
+    assert all(round(8 * s) == 8 * s for s in report["block_sparsity"])  # whole weights of each 8
+    for t in wc.all_targets(model):
+        i = int(t.name.split(".")[2])
+        n = round(8 * (1 - report["block_sparsity"][i]))
+        assert ((t.weight() != 0).reshape(t.shape[0], -1, 8).sum(-1) <= n).all()
+    model = tiny_model("llama", num_hidden_layers=4)
+    report = wc.prune(model, "owl", "unstructured", 0.5, calibration, params={"base": "magnitude"}, progress=False)
+    assert max(report["block_sparsity"]) > 0.5 > min(report["block_sparsity"])
+
+
+def test_dsnot_on_a_tiny_model_refines_attention_only():
+    import wanda_core as wc
+    from tiny_models import tiny_input_ids, tiny_model
+
+    calibration = tiny_input_ids(batch=4, seq=64)
+    model, reference = tiny_model("llama"), tiny_model("llama")
+    report = wc.prune(model, "dsnot", "unstructured", 0.6, calibration, params={"update_threshold": 0.0}, progress=False)
+    wc.prune(reference, "wanda", "unstructured", 0.6, calibration, progress=False)
+    changed = set()
+    for a, b in zip(wc.all_targets(model), wc.all_targets(reference)):
+        if not torch.equal(a.weight() == 0, b.weight() == 0):
+            changed.add(a.name)
+    rows = {r["layer"]: r for r in report["layers"]}
+    # Block 0 sees the same inputs in both runs: its attention masks change, its MLP masks do not.
+    # (Later blocks' inputs differ, since block 0's attention was pruned differently.)
+    assert {n for n in changed if ".layers.0." in n} == {n for n in rows if ".layers.0.self_attn." in n}
+    assert all(rows[n]["dsnot_swaps"] > 0 for n in rows if ".self_attn." in n)
+    assert all(rows[n]["dsnot_swaps"] == 0 for n in rows if ".mlp." in n)
+    assert report["sparsity"] == pytest.approx(0.6, abs=0.01)
+    model = tiny_model("llama")
+    report = wc.prune(model, "dsnot", "2:4", None, calibration, params={"init": "sparsegpt", "skip": "none"}, progress=False)
+    for t in wc.all_targets(model):
+        assert ((t.weight() != 0).reshape(t.shape[0], -1, 4).sum(-1) <= 2).all()

@@ -35,6 +35,15 @@ def _params(pairs: list[str]) -> dict:
     return params
 
 
+def _sparsity(text: str):
+    """--sparsity: one fraction, or one per decoder block separated by commas."""
+    try:
+        values = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        raise WandaError(f"--sparsity needs a number or comma-separated numbers (one per block), got {text!r}") from None
+    return values if len(values) > 1 else values[0]
+
+
 def provenance() -> dict:
     import torch
     import transformers
@@ -82,21 +91,26 @@ def cmd_prune(a) -> None:
     params = _params(a.param)
     # Validate the method, pattern and options before the (slow) model load.
     from .masks import parse_pattern
-    from .methods import check_params, get_method
+    from .methods import check_params, get_method, needs_calibration
 
     method = get_method(a.method)
-    pattern = parse_pattern(a.pattern, None if ":" in a.pattern else a.sparsity)
+    sparsity = _sparsity(a.sparsity)
+    if a.pipeline not in engine.PIPELINES:
+        raise WandaError(f"unknown pipeline {a.pipeline!r}: choose one of {', '.join(engine.PIPELINES)}")
+    pattern = parse_pattern(a.pattern, None if ":" in a.pattern else sum(sparsity) / len(sparsity) if isinstance(sparsity, list) else sparsity)
     check_params(method, pattern, params)
-    windows, calib_meta = data.load_windows(a.calibration, with_metadata=True) if method.STATS else (None, {})
+    calibrated = needs_calibration(method, params)
+    windows, calib_meta = data.load_windows(a.calibration, with_metadata=True) if calibrated else (None, {})
     m, tokenizer = model.load_model(a.model, a.dtype, a.weights_device)
-    calibration = check_calibration(a.calibration, windows, calib_meta, m, tokenizer) if method.STATS else None
+    calibration = check_calibration(a.calibration, windows, calib_meta, m, tokenizer) if calibrated else None
     dense = fingerprint.model_fingerprint(m)  # what the pruned file is made from, checked when it is applied
-    report = engine.prune(m, a.method, a.pattern, a.sparsity, windows, params, device=a.device,
-                         batch_size=a.batch_size, keep_masks=True, progress=not a.quiet)
+    report = engine.prune(m, a.method, a.pattern, sparsity, windows, params, device=a.device,
+                         batch_size=a.batch_size, keep_masks=True, progress=not a.quiet, pipeline=a.pipeline,
+                         compute_dtype=a.compute_dtype)
     masks = report.pop("masks")
     meta = {k: v for k, v in report.items() if k != "layers"}
     pruned.save_pruned(m, a.out, masks, {"model": a.model, "model_fingerprint": dense, "calibration": calibration,
-                                         **meta, **provenance()})
+                                         **meta, **provenance()}, values=report["updates_weights"])
     if a.stats:
         rows = [{"method": report["method"], "pattern": report["pattern"], **r} for r in report["layers"]]
         io.write_table(rows, a.stats)
@@ -241,7 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights-device", default="cpu", help="where the model's weights live between blocks")
     s.add_argument("--method", required=True)
     s.add_argument("--pattern", default="unstructured", help="unstructured or N:M such as 2:4")
-    s.add_argument("--sparsity", type=float, default=0.5)
+    s.add_argument("--sparsity", default="0.5", help="fraction pruned (unstructured), or one per decoder block: 0.4,0.5,...")
+    s.add_argument("--pipeline", default="sequential", help="sequential (the papers': dense pass for statistics, pruned "
+                   "pass for the next inputs), one_pass (each block runs once) or independent (statistics of the dense model)")
+    s.add_argument("--compute-dtype", default=None, help="run block forwards in this dtype (bfloat16 on AMX CPUs), "
+                   "statistics stay float32; auto: bfloat16 where the hardware has it")
     s.add_argument("--param", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
     s.add_argument("--calibration", help="calibration windows from 'calibrate'")
     s.add_argument("--batch-size", type=int, default=8)

@@ -1,7 +1,9 @@
-"""Pruned weights in a compact file: per matrix a bit-packed keep-mask and the kept values.
+"""Pruned weights in a compact file: per matrix a bit-packed keep-mask, and the kept values only
+when the method changed them (SparseGPT's updates), in the model's dtype.
 
-Evaluations load the dense model and apply this file instead of pruning again; the masks alone
-can also be re-applied to a dense model (apply_masks).
+A mask costs 1 bit per weight, so a file of a method that keeps the dense values (magnitude, Wanda,
+RIA, the block patterns) is 1/32 of a float32 model. Evaluations load the dense model and apply
+this file instead of pruning again; the masks alone can also be re-applied (apply_masks).
 """
 from __future__ import annotations
 
@@ -16,21 +18,24 @@ from .masks import pack_mask, unpack_mask
 from .model import all_targets
 
 
-def save_pruned(model, path, masks: dict | None = None, metadata: dict | None = None) -> None:
-    """Write mask + kept values of every pruned matrix. `masks`: packed masks from prune(keep_masks=True);
-    without them the mask is taken as the non-zero pattern of the weights."""
+def save_pruned(model, path, masks: dict | None = None, metadata: dict | None = None, values: bool = True) -> None:
+    """Write the mask of every pruned matrix, and with values=True its kept values (a method that
+    changed them). `masks`: packed masks from prune(keep_masks=True); without them the mask is
+    taken as the non-zero pattern of the weights."""
     from safetensors.torch import save_file
 
     tensors, shapes = {}, {}
     for t in all_targets(model):
         w = t.weight().detach()
         packed = masks[t.name] if masks is not None else pack_mask(w != 0)
-        keep = unpack_mask(packed, tuple(w.shape)).to(w.device)
         tensors[f"{t.name}.mask"] = packed
-        tensors[f"{t.name}.values"] = w[keep].cpu().contiguous()
+        if values:
+            keep = unpack_mask(packed, tuple(w.shape)).to(w.device)
+            tensors[f"{t.name}.values"] = w[keep].cpu().contiguous()
         shapes[t.name] = list(w.shape)
     meta = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in (metadata or {}).items()}
     meta["shapes"] = json.dumps(shapes)
+    meta["values"] = json.dumps(values)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
@@ -55,6 +60,7 @@ def read_metadata(path) -> dict:
 def _apply(model, path, with_values: bool) -> int:
     f, shapes = _read(path)
     check_model(f.metadata().get("model_fingerprint"), model, f"pruned-weights file {path}")
+    with_values = with_values and json.loads(f.metadata().get("values", "true"))
     targets = {t.name: t for t in all_targets(model)}
     missing = sorted(set(shapes) ^ set(targets))
     if missing:
@@ -75,7 +81,8 @@ def _apply(model, path, with_values: bool) -> int:
 
 
 def load_pruned(model, path) -> int:
-    """Replace every pruned matrix of the dense `model` by the file's weights; returns how many."""
+    """Replace every pruned matrix of the dense `model` by the file's weights (its masks applied to
+    the model's own values when the file has none); returns how many."""
     return _apply(model, path, with_values=True)
 
 

@@ -3,13 +3,16 @@
 A method module defines:
   NAME       the registry key
   STATS      which calibration statistics it needs: None, a kind ("sqnorm", "hessian", "moments")
-             or a tuple of kinds; `stats_kinds(params)`, when defined, says it per options
+             or a tuple of kinds; a module whose needs depend on its options defines stats_kinds(params)
   PARAMS     its options with their defaults
   PATTERNS   the pattern kinds it accepts ("unstructured", "nm")
   prune_matrix(weight, stats, pattern, **params) -> MatrixResult
-where `weight` is the [out_features, in_features] float32 matrix (a copy the method may modify).
-Optional: check(pattern, params) validates options that prune_matrix cannot see on a dummy matrix;
-ALLOCATION_STATS, block_score(...) and allocate(...) give each decoder block its own pattern (owl).
+where `weight` is the [out_features, in_features] float32 matrix (a copy the method may modify);
+a prune_matrix with a `name` parameter also gets the matrix's dotted name.
+Optional: check(pattern, params) validates options before any model is loaded (check_params).
+Optional per-block allocation (OWL): ALLOCATION_STATS, block_score(matrices, params) -> float for
+each block of a dense pre-pass (matrices: [(name, float32 weight, Stats)]), and
+allocate(scores, pattern, params) -> one Pattern per block.
 """
 from __future__ import annotations
 
@@ -96,14 +99,6 @@ class MatrixResult:
     info: dict = field(default_factory=dict)  # extra per-matrix figures (e.g. tier counts)
 
 
-def stats_kinds(method, params: dict) -> tuple[str, ...]:
-    """The statistics kinds `method` needs with these options (empty: no calibration for pruning)."""
-    if hasattr(method, "stats_kinds"):
-        return tuple(method.stats_kinds(params))
-    kinds = method.STATS
-    return () if kinds is None else (kinds,) if isinstance(kinds, str) else tuple(kinds)
-
-
 from . import block, block_topk, dense, dsnot, hybrid_nm, magnitude, owl, ria, sparsegpt, three_tier, wanda  # noqa: E402
 
 METHODS = {m.NAME: m for m in (dense, magnitude, wanda, sparsegpt, three_tier, block, block_topk, hybrid_nm,
@@ -119,6 +114,23 @@ def get_method(name: str):
         return METHODS[name]
     except KeyError:
         raise WandaError(f"unknown method {name!r}: choose one of {', '.join(sorted(METHODS))}") from None
+
+
+def stats_kinds(method, params: dict) -> tuple[str, ...]:
+    """The calibration statistics a method needs with these options (empty: no calibration)."""
+    if hasattr(method, "stats_kinds"):
+        return tuple(method.stats_kinds(params))
+    kinds = method.STATS
+    kinds = () if kinds is None else (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    if hasattr(method, "allocate"):  # a dense pre-pass over the model decides each block's sparsity
+        kinds = tuple(dict.fromkeys((*kinds, method.ALLOCATION_STATS)))
+    return kinds
+
+
+def needs_calibration(method, params: dict | None = None) -> bool:
+    """Whether pruning needs calibration windows: for statistics, or for a per-block allocation
+    (OWL over magnitude prunes without statistics, but its allocation pre-pass needs them)."""
+    return bool(stats_kinds(method, {**method.PARAMS, **(params or {})})) or hasattr(method, "allocate")
 
 
 def check_params(method, pattern: Pattern, params: dict) -> dict:

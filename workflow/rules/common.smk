@@ -55,9 +55,10 @@ def method_spec(wildcards):
 
 
 def needs_calibration(method):
-    from wanda_core.methods import get_method
+    from wanda_core.methods import get_method, needs_calibration
 
-    return get_method(config["methods"][method]["method"]).STATS is not None
+    spec = config["methods"][method]
+    return needs_calibration(get_method(spec["method"]), spec.get("params"))
 
 
 def is_dense(method):
@@ -93,7 +94,15 @@ def prune_args(wildcards):
     pattern, sparsity = grid.pattern_args(wildcards.pattern)
     spec = method_spec(wildcards)
     params = " ".join(f"--param {k}={json.dumps(v)}" for k, v in spec.get("params", {}).items())
-    return f"--method {spec['method']} --pattern {pattern} --sparsity {sparsity} {params}"
+    pipeline = spec.get("pipeline") or config["pruning"]["pipeline"]
+    dtype = config["pruning"]["compute_dtype"]
+    return (f"--method {spec['method']} --pattern {pattern} --sparsity {sparsity} {params} --pipeline {pipeline}"
+            + (f" --compute-dtype {dtype}" if dtype else ""))
+
+
+def pruned_weights(path):
+    # pruning.keep_pruned: false deletes each pruned file once its evaluations are done (rerun: prune again).
+    return path if config["pruning"]["keep_pruned"] else temp(path)
 
 
 def ppl_results():

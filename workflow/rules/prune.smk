@@ -1,11 +1,11 @@
-# Pruning per (model, method, pattern): bit-packed masks + kept values, and per-layer statistics.
+# Pruning per (model, method, pattern): bit-packed masks (+ kept values when the method changed them), per-layer statistics.
 
 
 rule prune:
     input:
         unpack(prune_inputs),
     output:
-        weights="results/pruned/{model}/{method}/{pattern}.safetensors",
+        weights=pruned_weights("results/pruned/{model}/{method}/{pattern}.safetensors"),
         layers="results/pruned/{model}/{method}/{pattern}.layers.parquet",
         report="results/pruned/{model}/{method}/{pattern}.json",
     params:
