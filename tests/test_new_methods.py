@@ -521,3 +521,28 @@ def test_dsnot_on_a_tiny_model_refines_attention_only():
     report = wc.prune(model, "dsnot", "2:4", None, calibration, params={"init": "sparsegpt", "skip": "none"}, progress=False)
     for t in wc.all_targets(model):
         assert ((t.weight() != 0).reshape(t.shape[0], -1, 4).sum(-1) <= 2).all()
+
+
+def test_owl_through_the_cli_records_block_sparsity_in_report_and_parquet(tmp_path):
+    import json
+
+    import pandas as pd
+    import pydoc_data.topics
+
+    from tiny_models import save_tiny
+    from wanda_core.cli import main
+
+    tiny = save_tiny("llama", tmp_path / "tiny", num_hidden_layers=4)
+    corpus = tmp_path / "topics.txt"
+    corpus.write_text("\n".join(list(pydoc_data.topics.topics.values())[:40]))
+    calib = tmp_path / "calib.safetensors"
+    assert main(["calibrate", "--model", str(tiny), "--data", str(corpus), "--nsamples", "4", "--seqlen", "64",
+                 "--out", str(calib)]) == 0
+    out, stats, report = tmp_path / "p.safetensors", tmp_path / "layers.parquet", tmp_path / "report.json"
+    assert main(["prune", "--model", str(tiny), "--method", "owl", "--sparsity", "0.6", "--param", "base=magnitude",
+                 "--param", "lambda=0.1", "--param", "M=3", "--calibration", str(calib), "--out", str(out),
+                 "--stats", str(stats), "--report", str(report), "--quiet"]) == 0
+    blocks = json.loads(report.read_text())["block_sparsity"]
+    assert len(blocks) == 4 and sum(blocks) / 4 == pytest.approx(0.6) and max(blocks) - min(blocks) == pytest.approx(0.2)
+    df = pd.read_parquet(stats)
+    assert (df["block_sparsity"] == df["block"].map(dict(enumerate(blocks)))).all()
