@@ -83,7 +83,9 @@ def outlier_ratio(scores: list[torch.Tensor], M: float) -> float:
 def block_score(matrices: list[tuple[str, torch.Tensor, object]], params: dict) -> float:
     """The block's outlier ratio, from its dense weights and their input norms."""
     M = _options(params)[1]
-    return outlier_ratio([w.abs() * st.sqnorm.sqrt().unsqueeze(0) for _, w, st in matrices], M)
+    # An expert no calibration token chose has no statistics: its scores are all 0.
+    return outlier_ratio([w.abs() * st.sqnorm.sqrt().unsqueeze(0) if st.sqnorm is not None else torch.zeros_like(w)
+                          for _, w, st in matrices], M)
 
 
 def allocate(scores: list[float], pattern: Pattern, params: dict) -> list[Pattern]:
