@@ -6,8 +6,8 @@ times their mean. The ratios are rescaled to [0, 2 * lambda] and shifted so that
 the target density; block i is then pruned at 1 - density_i by the base method (a sparsity <= 0
 becomes 0.01, as in the authors' code), so blocks with more outliers are pruned less.
 For N:M (the authors' wanda_owl_structure) the ratios are rescaled to [0, lambda], centred on
-zero and rounded: block i keeps N + round(r_i) of every M (lambda is then a whole number of
-weights, e.g. 2 with M = 6 for a 3:8 base).
+zero and rounded: block i keeps N + round(r_i) of every M (so lambda counts weights there: their
+README prunes "5:8", our 3:8, with lambda 2 and outlier threshold 6).
 The outlier ratio always uses Wanda scores, whatever the base, as the authors' code does.
 """
 import math
