@@ -157,19 +157,6 @@ def corpus(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def cli(capsys):
-    """Run a wanda-core command in this process: (exit status, stdout, its error lines)."""
-    from wanda_core.cli import main
-
-    def run(*args):
-        status = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return status, out, [line for line in err.splitlines() if line.startswith("error:")]
-
-    return run
-
-
 def test_remote_code_needs_trust(remote_dir):
     with pytest.raises(wc.WandaError, match="ships its own modeling code .* --trust-remote-code"):
         wc.load_model(remote_dir, device="cpu")
