@@ -211,3 +211,25 @@ def test_remote_code_model_through_the_command_line(tmp_path, remote_dir, corpus
     assert type(AutoTokenizer.from_pretrained(export, trust_remote_code=True)).__name__ == "TinyHybridTokenizer"
     up = model.backbone.mixers[1].up.weight
     assert ((up == 0).sum(1) == up.shape[1] // 2).all()
+
+
+def test_workflow_passes_the_model_flags(tmp_path, remote_dir, corpus):
+    # Every rule that loads the model gets its flags (calibrate, which loads only the tokenizer, no --blocks);
+    # the command line test above runs those commands for real.
+    from test_workflow import smk
+
+    config = {
+        "models": {"tiny-hybrid": {"source": str(remote_dir), "group": "Remote", "trust_remote_code": True, "blocks": BLOCKS}},
+        "methods": {"dense": {"method": "dense"}, "wanda": {"method": "wanda"}},
+        "datasets": {"text": {"path": str(corpus)}},
+        "calibration": {"dataset": "text", "nsamples": 2, "seqlen": 32},
+        "evals": {"perplexity": {"datasets": ["text"], "seqlen": 32, "max_windows": 2}},
+    }
+    proc = smk(tmp_path, config, "-n", "-p")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    commands = [line for line in (proc.stdout + proc.stderr).splitlines() if "wanda-core" in line]
+    by_stage = {stage: [c for c in commands if f" {stage} --model" in c] for stage in ("calibrate", "prune", "eval-ppl")}
+    assert [len(c) for c in by_stage.values()] == [1, 1, 2], proc.stdout + proc.stderr
+    assert "--trust-remote-code --data" in by_stage["calibrate"][0]
+    for command in by_stage["prune"] + by_stage["eval-ppl"]:
+        assert f"--trust-remote-code --blocks {BLOCKS}" in command, command
