@@ -138,3 +138,44 @@ def test_width_not_divisible_names_the_layer():
     model = tiny_model("llama", intermediate_size=130)  # down_proj has 130 inputs
     with pytest.raises(wc.WandaError, match=r"model\.layers\.0\.mlp\.down_proj: input width 130 is not divisible by M=4"):
         wc.prune(model, "wanda", "2:4", calibration=CALIB, progress=False)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_each_block_gets_the_arguments_of_a_forward(arch):
+    # Pruning nothing, the engine must run every block exactly as the model's own forward does: the
+    # same inputs and the same attention mask and rotary tables (Gemma 3's global layers have their own).
+    model = tiny_model(arch)
+    _, blocks = wc.find_blocks(model)
+    outputs = {}
+
+    def record(i):
+        def hook(mod, args, kwargs, out):
+            if out is (args[0] if args else kwargs.get("hidden_states")):
+                return  # block_arguments' stub: the engine reading the blocks' arguments, no block ran
+            outputs.setdefault(i, []).append((out[0] if isinstance(out, (tuple, list)) else out).detach().clone())
+        return hook
+
+    handles = [b.register_forward_hook(record(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            model(CALIB[:4], use_cache=False)
+        reference = {i: o[0] for i, o in outputs.items()}
+        outputs.clear()
+        wc.prune(model, "wanda", "unstructured", 0.0, CALIB[:4], batch_size=4, progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert set(outputs) == set(reference)
+    for i, outs in outputs.items():
+        for out in outs:
+            torch.testing.assert_close(out, reference[i], msg=f"{arch} block {i}")
+
+
+def test_gemma3_layers_of_each_kind_get_their_own_arguments():
+    from wanda_core.model import block_arguments
+
+    model = tiny_model("gemma3")
+    _, blocks = wc.find_blocks(model)
+    own = block_arguments(model, blocks, CALIB[:2])
+    assert list(own) == [id(blocks[1])]  # the global layer; the sliding one has block 0's arguments
+    assert not any(b.__dict__.get("forward") for b in blocks)  # the stubs are gone

@@ -14,6 +14,12 @@ patterns apply to all of them.
 
 ``tiny_config(arch, **overrides)`` accepts extra config attributes, e.g.
 ``tiny_config("falcon", new_decoder_architecture=True, num_kv_heads=2)``.
+
+An arch is a transformers model_type, or a name for a variant of one (``MODEL_TYPE``):
+``llama3`` is a LLaMA-3 config (GQA and llama3 rope scaling; Yi and DeepSeek-LLM are LLaMA
+configs too), ``gemma3`` the text model of Gemma 3 (sliding-window and global layers).
+Attention windows (GPT-Neo local layers, Gemma 3 sliding layers) are 8 tokens, shorter than the
+test sequences, so the layers of each kind really differ.
 """
 
 from __future__ import annotations
@@ -47,7 +53,14 @@ ARCHS: list[str] = [
     "mixtral",
     "qwen2_moe",
     "gptj",
+    "gpt_neo",
+    "llama3",
+    "gemma3",
 ]
+
+# Arch names that are not transformers model types.
+MODEL_TYPE = {"llama3": "llama", "gemma3": "gemma3_text"}
+WINDOW = 8
 
 # Shared by the llama-like configs (model_type -> AutoConfig kwargs).
 _LLAMA_LIKE = dict(
@@ -161,6 +174,34 @@ _CONFIGS: dict[str, dict] = {
         embd_pdrop=0.0,
         attn_pdrop=0.0,
     ),
+    # GPT-Neo: global and local (windowed) attention alternate; MLP width set by intermediate_size.
+    "gpt_neo": dict(
+        hidden_size=HIDDEN,
+        num_layers=LAYERS,
+        num_heads=HEADS,
+        attention_types=[[["global", "local"], LAYERS // 2]],
+        window_size=WINDOW,
+        intermediate_size=INTERMEDIATE,
+        max_position_embeddings=MAX_POS,
+        resid_dropout=0.0,
+        embed_dropout=0.0,
+        attention_dropout=0.0,
+    ),
+    # LLaMA-3 (and Yi, DeepSeek-LLM: LLaMA configs): GQA, rope theta 500000 with llama3 frequency scaling
+    # (original context 64 of 512, so the scaling changes the low frequencies).
+    "llama3": dict(
+        _LLAMA_LIKE,
+        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=64),
+    ),
+    # Gemma 3: a sliding-window layer then a global one, each with its own rotary base; q/k norms,
+    # four norms per block, embeddings scaled by sqrt(hidden).
+    "gemma3": dict(
+        _LLAMA_LIKE,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=WINDOW,
+        query_pre_attn_scalar=HEAD_DIM,
+    ),
 }
 
 # Where each arch keeps its decoder-block ModuleList (dotted attribute path
@@ -179,6 +220,10 @@ BLOCKS_PATH: dict[str, str] = {
     "mixtral": "model.layers",
     "qwen2_moe": "model.layers",
     "gptj": "transformer.h",
+    "gpt_neo": "transformer.h",
+    "llama3": "model.layers",
+    "gemma3": "model.layers",
+    "gemma3_text": "model.layers",
 }
 
 
@@ -189,7 +234,7 @@ def tiny_config(arch: str, **overrides):
     kwargs = dict(_CONFIGS[arch])
     kwargs.update(vocab_size=VOCAB, tie_word_embeddings=False, **_SPECIAL_TOKENS)
     kwargs.update(overrides)
-    return AutoConfig.for_model(arch, **kwargs)
+    return AutoConfig.for_model(MODEL_TYPE.get(arch, arch), **kwargs)
 
 
 def tiny_model(arch: str, seed: int = 0, **overrides):

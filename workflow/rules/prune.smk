@@ -10,6 +10,7 @@ rule prune:
         report="results/pruned/{model}/{method}/{pattern}.json",
     params:
         args=prune_args,
+        model=model_flags,
         calibration=lambda wc, input: f"--calibration {input.calibration}" if "calibration" in input.keys() else "",
         dtype=lambda wc: model_spec(wc)["dtype"],
         batch_size=lambda wc: model_spec(wc)["batch_size"],
@@ -24,6 +25,6 @@ rule prune:
     conda:
         "../../environment.yml"
     shell:
-        "wanda-core --gpus {resources.gpu} --threads {threads} prune --model {input.model} {params.args}"
+        "wanda-core --gpus {resources.gpu} --threads {threads} prune --model {input.model} {params.model} {params.args}"
         " {params.calibration} --dtype {params.dtype} --device {params.device} --batch-size {params.batch_size}"
         " --out {output.weights} --stats {output.layers} --report {output.report} --quiet > {log} 2>&1"
