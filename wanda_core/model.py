@@ -279,8 +279,12 @@ def block_arguments(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor) 
         return forward
 
     saved = [b.__dict__.get("forward") for b in blocks]  # accelerate's hooks live there
+    # The blocks' own hooks (the engine's, a user's) must not see this pass: nothing runs in it.
+    hooks = [(b._forward_pre_hooks.copy(), b._forward_hooks.copy()) for b in blocks]
     for i, b in enumerate(blocks):
         b.forward = stub(i)
+        b._forward_pre_hooks.clear()
+        b._forward_hooks.clear()
     try:
         with torch.no_grad():
             model(ids, use_cache=False)
@@ -290,11 +294,13 @@ def block_arguments(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor) 
         log.warning("could not record each block's own arguments (%s); every block gets block 0's", first_line(e))
         return {}
     finally:
-        for b, forward in zip(blocks, saved):
+        for b, forward, (pre, post) in zip(blocks, saved, hooks):
             if forward is None:
                 del b.forward
             else:
                 b.forward = forward
+            b._forward_pre_hooks.update(pre)
+            b._forward_hooks.update(post)
     if len(seen) != len(blocks):
         return {}
     distinct, result = [seen[0]], {}
