@@ -54,9 +54,10 @@ def tiny_sources(tmp_path_factory):
 
 def test_dry_run_grid_sizes(tmp_path):
     demo = job_counts(smk(tmp_path / "demo", ROOT / "config" / "config.yaml", "-n"))
-    # 2 models; magnitude, wanda, sparsegpt at 2 patterns + three_tier; dense needs no pruning.
+    # 2 models; magnitude, wanda, sparsegpt at 2 patterns + three_tier; dense needs no pruning; the offline
+    # pydoc_cloze task for each of the 8 (pruned) models of each.
     assert demo == {"materialize_model": 2, "prepare_dataset": 2, "calibrate": 2, "prune": 14, "perplexity": 16,
-                    "aggregate": 1, "all": 1}
+                    "zeroshot": 16, "aggregate": 1, "all": 1}
     paper = job_counts(smk(tmp_path / "paper", ROOT / "config" / "paper.yaml", "-n"))
     # 15 models (LLaMA-1, LLaMA-2, OPT) x (3 methods x 3 patterns + three_tier) prunes, + dense for evaluation;
     # the 7 zero-shot tasks for each of the 165 (pruned) models.

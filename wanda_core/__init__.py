@@ -1,7 +1,7 @@
 """wanda_core: post-training pruning of Hugging Face causal LMs (magnitude, Wanda, SparseGPT, block patterns)."""
 __version__ = "0.1.0"
 
-from .data import calibration_windows, load_windows, read_corpus, save_windows, tokenize
+from .data import calibration_windows, load_windows, read_corpus, read_records, save_windows, tokenize
 from .errors import WandaError
 from .evaluate import perplexity
 from .masks import Pattern, nm_mask, parse_pattern, unstructured_matrix_mask, unstructured_row_mask
@@ -11,7 +11,7 @@ from .engine import prune
 from .pruned import apply_masks, load_pruned, save_pruned
 
 __all__ = [
-    "WandaError", "load_model", "load_tokenizer", "read_corpus", "tokenize", "calibration_windows",
+    "WandaError", "load_model", "load_tokenizer", "read_corpus", "read_records", "tokenize", "calibration_windows",
     "save_windows", "load_windows", "prune", "perplexity", "check_sparsity", "find_blocks", "find_targets",
     "all_targets", "METHODS", "get_method", "Pattern", "parse_pattern", "nm_mask", "unstructured_row_mask",
     "unstructured_matrix_mask", "save_pruned", "load_pruned", "apply_masks",

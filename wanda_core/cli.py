@@ -65,11 +65,15 @@ def cmd_calibrate(a) -> None:
 
     model.check_model_source(a.model, a.trust_remote_code)  # a model that cannot be pruned stops here, before any work
     tokenizer = model.load_tokenizer(a.model, a.trust_remote_code)
-    ids = data.tokenize(tokenizer, data.read_corpus(a.data))
-    windows = data.calibration_windows(ids, a.nsamples, a.seqlen, a.seed)
+    join = data.sampler_join(a.sampler)
+    # A stream sampler tokenizes the joined corpus; c4_documents only the documents it draws.
+    source = data.read_records(a.data) if join is None else data.tokenize(tokenizer, data.read_corpus(a.data, join))
+    windows = data.calibration_windows(source, a.nsamples, a.seqlen, a.seed, a.sampler, tokenizer)
     data.save_windows(windows, a.out, {"model": a.model, "tokenizer": tokenizer_fingerprint(tokenizer), "data": a.data,
-                                       "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed, **provenance()})
-    log.info("wrote %s: %d windows of %d tokens from %d", a.out, a.nsamples, a.seqlen, ids.numel())
+                                       "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed,
+                                       "sampler": a.sampler, **provenance()})
+    log.info("wrote %s: %d windows of %d tokens (%s sampler, %d %s)", a.out, a.nsamples, a.seqlen, a.sampler,
+             len(source), "documents" if join is None else "tokens")
 
 
 def check_calibration(path, windows, meta: dict, m, tokenizer) -> dict:
@@ -82,7 +86,7 @@ def check_calibration(path, windows, meta: dict, m, tokenizer) -> dict:
     vocab = m.get_input_embeddings().weight.shape[0]
     if int(windows.max()) >= vocab or int(windows.min()) < 0:
         raise WandaError(f"calibration file {path} holds token id {int(windows.max())}, outside this model's vocabulary of {vocab}")
-    keep = ("model", "data", "nsamples", "seqlen", "seed", "tokenizer", "wanda_core")
+    keep = ("model", "data", "nsamples", "seqlen", "seed", "sampler", "tokenizer", "wanda_core")
     return {"file": str(path), "hash": tensor_hash(windows), **{k: meta[k] for k in keep if k in meta}}
 
 
@@ -278,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nsamples", type=int, default=128)
     s.add_argument("--seqlen", type=int, default=2048)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--sampler", default="stream",
+                   help="stream (default): seeded torch starts over the records joined by blank lines; stream_python_random:"
+                        " the Wanda code's WikiText-2 draw (records joined by spaces); c4_documents: its C4 draw"
+                        " (a random document, then a random window inside it)")
     s.add_argument("--out", required=True, help="output .safetensors (key input_ids)")
     s.set_defaults(func=cmd_calibrate)
 

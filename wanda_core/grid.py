@@ -123,5 +123,6 @@ def runs(config: dict) -> list[tuple[str, str, str]]:
 
 
 def calibration_id(config: dict) -> str:
+    """The calibration file's name: every setting that changes the windows, so changing one re-calibrates."""
     c = config["calibration"]
-    return f"{c['dataset']}_n{c['nsamples']}_len{c['seqlen']}_seed{c['seed']}"
+    return f"{c['dataset']}_{c.get('sampler', 'stream')}_n{c['nsamples']}_len{c['seqlen']}_seed{c['seed']}"

@@ -1,4 +1,4 @@
-# Calibration windows per (model tokenizer, data set, nsamples, seqlen, seed), shared by every method.
+# Calibration windows per (model tokenizer, data set, sampler, nsamples, seqlen, seed), shared by every method.
 
 
 rule calibrate:
@@ -12,10 +12,11 @@ rule calibrate:
         seqlen=config["calibration"]["seqlen"],
         seed=config["calibration"]["seed"],
         model=lambda wc: model_flags(wc, blocks=False),
+        sampler=config["calibration"]["sampler"],
     log:
         "logs/calibrate/{model}/{calibration}.log",
     conda:
         "../../environment.yml"
     shell:
         "wanda-core calibrate --model {input.model} {params.model} --data {input.data} --nsamples {params.nsamples}"
-        " --seqlen {params.seqlen} --seed {params.seed} --out {output} > {log} 2>&1"
+        " --seqlen {params.seqlen} --seed {params.seed} --sampler {params.sampler} --out {output} > {log} 2>&1"
