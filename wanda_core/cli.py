@@ -11,6 +11,7 @@ import logging
 import platform
 import sys
 import time
+from pathlib import Path
 
 from .errors import WandaError, first_line
 
@@ -76,6 +77,16 @@ def check_calibration(path, windows, meta: dict, m, tokenizer) -> dict:
     return {"file": str(path), "hash": tensor_hash(windows), **{k: meta[k] for k in keep if k in meta}}
 
 
+def sparsity_from(path, pattern: str) -> float:
+    """The measured sparsity in another prune job's report: a baseline pruned at a hybrid pattern's sparsity."""
+    if pattern != "unstructured":
+        raise WandaError(f"--sparsity-from needs --pattern unstructured, got {pattern!r}")
+    try:
+        return float(json.loads(Path(path).read_text())["sparsity"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise WandaError(f"--sparsity-from {path}: not a prune report with a sparsity ({type(e).__name__}: {e})") from None
+
+
 def cmd_prune(a) -> None:
     from . import data, engine, fingerprint, io, model, pruned
 
@@ -85,6 +96,8 @@ def cmd_prune(a) -> None:
     from .methods import check_params, get_method
 
     method = get_method(a.method)
+    if a.sparsity_from:
+        a.sparsity = sparsity_from(a.sparsity_from, a.pattern)
     pattern = parse_pattern(a.pattern, None if ":" in a.pattern else a.sparsity)
     check_params(method, pattern, params)
     windows, calib_meta = data.load_windows(a.calibration, with_metadata=True) if method.STATS else (None, {})
@@ -101,7 +114,7 @@ def cmd_prune(a) -> None:
         rows = [{"method": report["method"], "pattern": report["pattern"], **r} for r in report["layers"]]
         io.write_table(rows, a.stats)
     if a.report:
-        io.write_json({**meta, **provenance()}, a.report)
+        io.write_json({**meta, "sparsity_from": a.sparsity_from, **provenance()}, a.report)
     log.info("%s %s: sparsity %.4f in %.1f s -> %s", a.method, report["pattern"], report["sparsity"], report["seconds"], a.out)
 
 
@@ -242,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", required=True)
     s.add_argument("--pattern", default="unstructured", help="unstructured or N:M such as 2:4")
     s.add_argument("--sparsity", type=float, default=0.5)
+    s.add_argument("--sparsity-from", metavar="REPORT", help="prune at the sparsity measured in this prune --report (.json)")
     s.add_argument("--param", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
     s.add_argument("--calibration", help="calibration windows from 'calibrate'")
     s.add_argument("--batch-size", type=int, default=8)

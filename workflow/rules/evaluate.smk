@@ -5,7 +5,7 @@ rule perplexity:
     input:
         unpack(eval_inputs),
     output:
-        "results/ppl/{model}/{method}/{pattern}/{dataset}.parquet",
+        "results/ppl/{model}/{method}/{pattern}/{seed}/{dataset}.parquet",
     params:
         pruned=lambda wc, input: f"--pruned {input.pruned}" if "pruned" in input.keys() else "",
         seqlen=config["evals"]["perplexity"]["seqlen"],
@@ -23,7 +23,7 @@ rule perplexity:
         mem_mb=lambda wc: model_spec(wc)["mem_mb"],
         runtime=lambda wc: model_spec(wc)["runtime"],
     log:
-        "logs/perplexity/{model}/{method}/{pattern}/{dataset}.log",
+        "results/logs/perplexity/{model}/{method}/{pattern}/{seed}/{dataset}.log",
     conda:
         "../../environment.yml"
     shell:
@@ -36,7 +36,7 @@ rule zeroshot:
     input:
         unpack(eval_inputs),
     output:
-        "results/zeroshot/{model}/{method}/{pattern}/{task}.parquet",
+        "results/zeroshot/{model}/{method}/{pattern}/{seed}/{task}.parquet",
     params:
         pruned=lambda wc, input: f"--pruned {input.pruned}" if "pruned" in input.keys() else "",
         include=f"--include-path {TASK_DIR}" if TASK_DIR else "",
@@ -45,7 +45,7 @@ rule zeroshot:
         seed=ZEROSHOT["seed"],
         # lm-eval's request cache ignores which model answered: one cache per pruned model.
         cache=lambda wc: (
-            f"--cache results/zeroshot/{wc.model}/{wc.method}/{wc.pattern}/lm-eval-cache/{wc.task}"
+            f"--cache results/zeroshot/{run_of(wc).path}/lm-eval-cache/{wc.task}"
             if ZEROSHOT["cache"]
             else ""
         ),
@@ -57,7 +57,7 @@ rule zeroshot:
         mem_mb=lambda wc: model_spec(wc)["mem_mb"],
         runtime=lambda wc: model_spec(wc)["runtime"],
     log:
-        "logs/zeroshot/{model}/{method}/{pattern}/{task}.log",
+        "results/logs/zeroshot/{model}/{method}/{pattern}/{seed}/{task}.log",
     conda:
         "../../environment.yml"
     shell:
