@@ -22,6 +22,5 @@ include: "workflow/rules/aggregate.smk"
 
 rule all:
     input:
-        "results/benchmark.parquet",
-        "results/tables/perplexity.md",
+        rules.aggregate.output,
     default_target: True

@@ -19,8 +19,8 @@ import yaml
 from test_workflow import ROOT, smk
 from tiny_models import save_tiny
 
-PRUNE_LOG = Path("logs/prune/tiny/sparsegpt/unstructured-0.5.log")
-PRUNED = Path("results/pruned/tiny/sparsegpt/unstructured-0.5.safetensors")
+PRUNE_LOG = Path("results/logs/prune/tiny/sparsegpt/unstructured-0.5/seed0.log")
+PRUNED = Path("results/pruned/tiny/sparsegpt/unstructured-0.5/seed0.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The Snakemake workflow: grid sizes, lint, a real end-to-end run, incremental reruns, GPU slots, bad configs."""
+"""The Snakemake workflow: grid sizes, lint, a real end-to-end run, incremental reruns, seeds, report, GPU slots, bad configs."""
 import json
 import os
 import re
@@ -46,6 +46,10 @@ def job_models(proc) -> set:
     return set(re.findall(r"wildcards: model=([\w.-]+)", proc.stdout + proc.stderr))
 
 
+def job_seeds(proc) -> set:
+    return set(re.findall(r"wildcards: .*seed=(\w+)", proc.stdout + proc.stderr))
+
+
 @pytest.fixture(scope="module")
 def tiny_sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("sources")
@@ -54,15 +58,31 @@ def tiny_sources(tmp_path_factory):
 
 def test_dry_run_grid_sizes(tmp_path):
     demo = job_counts(smk(tmp_path / "demo", ROOT / "config" / "config.yaml", "-n"))
-    # 2 models; magnitude, wanda, sparsegpt at 2 patterns + three_tier; dense needs no pruning; the offline
-    # pydoc_cloze task for each of the 8 (pruned) models of each.
-    assert demo == {"materialize_model": 2, "prepare_dataset": 2, "calibrate": 2, "prune": 14, "perplexity": 16,
-                    "zeroshot": 16, "aggregate": 1, "all": 1}
+    # 2 models; magnitude, wanda, sparsegpt at 2 patterns and at three_tier's sparsity + three_tier itself;
+    # dense needs no pruning; the offline pydoc_cloze task for each of the 11 (pruned) models of each.
+    assert demo == {"materialize_model": 2, "prepare_dataset": 2, "calibrate": 2, "prune": 20, "perplexity": 22,
+                    "zeroshot": 22, "aggregate": 1, "all": 1}
     paper = job_counts(smk(tmp_path / "paper", ROOT / "config" / "paper.yaml", "-n"))
-    # 15 models (LLaMA-1, LLaMA-2, OPT) x (3 methods x 3 patterns + three_tier) prunes, + dense for evaluation;
-    # the 7 zero-shot tasks for each of the 165 (pruned) models.
-    assert paper == {"materialize_model": 15, "prepare_dataset": 2, "calibrate": 15, "prune": 150,
-                     "perplexity": 165, "zeroshot": 165 * 7, "aggregate": 1, "all": 1}
+    # 15 models (LLaMA-1, LLaMA-2, OPT) x (3 methods x (3 patterns + three_tier's sparsity) + three_tier) prunes,
+    # + dense for evaluation; the 7 zero-shot tasks for each of the 210 (pruned) models.
+    assert paper == {"materialize_model": 15, "prepare_dataset": 2, "calibrate": 15, "prune": 195,
+                     "perplexity": 210, "zeroshot": 210 * 7, "aggregate": 1, "all": 1}
+
+
+def test_dry_run_seed_axis(tmp_path):
+    """Each calibration seed is one more calibration and one more prune and evaluation of each calibrated method."""
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config["calibration"]["seeds"] = [0, 1, 2]
+    proc = smk(tmp_path, config, "-n")
+    # Per seed: wanda and sparsegpt (2 patterns + three_tier's sparsity) and three_tier; magnitude (3) and dense once.
+    assert job_counts(proc) == {"materialize_model": 1, "prepare_dataset": 2, "calibrate": 3, "prune": 3 + 3 * 7,
+                                "perplexity": 4 + 3 * 7, "aggregate": 1, "all": 1}
+    assert job_seeds(proc) == {"noseed", "seed0", "seed1", "seed2"}
+    # The older single seed still reads as one seed.
+    del config["calibration"]["seeds"]
+    config["calibration"]["seed"] = 5
+    proc = smk(tmp_path, config, "-n")
+    assert job_counts(proc)["calibrate"] == 1 and job_seeds(proc) == {"noseed", "seed5"}
 
 
 def test_lint_is_clean(tmp_path):
@@ -131,11 +151,12 @@ def e2e(tmp_path_factory, tiny_sources, smollm2_dir, wikitext):
             "magnitude": {"method": "magnitude", "label": "Magnitude"},
             "wanda": {"method": "wanda", "label": "Wanda", "patterns": ["unstructured-0.5", "2-4"]},
             "sparsegpt": {"method": "sparsegpt", "label": "SparseGPT"},
+            "three_tier": {"method": "three_tier", "label": "Three-tier", "matched": ["wanda"]},
         },
         "patterns": ["unstructured-0.5"],
         "datasets": {"wikitext2-valid": {"path": str(wikitext / "valid.txt")},
                      "wikitext2": {"path": str(wikitext / "test.txt")}},
-        "calibration": {"dataset": "wikitext2-valid", "nsamples": 4, "seqlen": 128, "seed": 0},
+        "calibration": {"dataset": "wikitext2-valid", "nsamples": 4, "seqlen": 128, "seeds": [0]},
         "evals": {"perplexity": {"datasets": ["wikitext2"], "seqlen": 256, "max_windows": 3, "batch_size": 3},
                   "zeroshot": {"tasks": ["tiny_mc"], "include_path": str(TASKS), "limit": 8, "batch_size": 4}},
         "published": None,
@@ -147,36 +168,71 @@ def e2e(tmp_path_factory, tiny_sources, smollm2_dir, wikitext):
 
 def test_end_to_end_results(e2e):
     workdir, config, proc = e2e
-    df = pd.read_parquet(workdir / "results" / "benchmark.parquet")
+    results = workdir / "results"
+    df = pd.read_parquet(results / "benchmark.parquet")
     expected = {"model", "group", "method", "pattern", "target_sparsity", "sparsity", "dataset", "metric", "value",
                 "wanda_core", "torch", "transformers", "lm_eval", "git_commit", "device", "calibration", "seed", "time"}
     assert expected <= set(df.columns)
     zs, df = df[df["metric"] != "perplexity"], df[df["metric"] == "perplexity"]
-    assert len(df) == 2 * 5  # 2 models x (dense, magnitude, wanda x2, sparsegpt)
+    assert len(df) == 2 * 7  # 2 models x (dense, magnitude, wanda x2, sparsegpt, three_tier, wanda at its sparsity)
     assert df["value"].notna().all() and (df["value"] > 1).all() and (df["status"] == "ok").all()
     assert set(df["dataset"]) == {"wikitext2"}
-    assert len(zs) == 2 * 5 * 2 and set(zs["metric"]) == {"acc", "acc_norm"} and set(zs["dataset"]) == {"tiny_mc"}
+    assert df.loc[df["method"].isin(["dense", "magnitude"]), "seed"].isna().all() and set(df["seed"].dropna()) == {0}
+    assert len(zs) == 2 * 7 * 2 and set(zs["metric"]) == {"acc", "acc_norm"} and set(zs["dataset"]) == {"tiny_mc"}
     assert zs["value"].between(0, 1).all() and (zs["n"] == 8).all() and zs["lm_eval"].str.startswith("0.4").all()
-    zs_table = (workdir / "results" / "tables" / "zeroshot.md").read_text()
+    zs_table = (results / "tables" / "zeroshot.md").read_text()
     assert "Zero-shot accuracy (%), unstructured 50%" in zs_table and "| tiny_mc | Mean |" in zs_table
-    pruned = df[df["method"] != "dense"]
-    assert (pruned["sparsity"].round(4) == 0.5).all() and (pruned["target_sparsity"] == 0.5).all()
+    assert "Zero-shot accuracy (%), Three-tier" in zs_table
+    plain = df[~df["method"].isin(["dense", "three_tier"]) & ~df["pattern"].str.startswith("match-")]
+    assert (plain["sparsity"].round(4) == 0.5).all() and (plain["target_sparsity"] == 0.5).all()
+    # The matched baseline pruned at exactly the sparsity three-tier measured (read from its report).
+    runs = df.set_index(["model", "method", "pattern"])
+    for model in config["models"]:
+        hybrid = runs.loc[(model, "three_tier", "none"), "sparsity"]
+        assert 0.2 < hybrid < 0.6
+        assert runs.loc[(model, "wanda", "match-three_tier"), "target_sparsity"] == pytest.approx(hybrid)
+        # Wanda drops int(inputs x sparsity) weights per row: at most one per row off (64 inputs in the tiny model).
+        assert runs.loc[(model, "wanda", "match-three_tier"), "sparsity"] == pytest.approx(hybrid, abs=1 / 64)
     smol = df[df["model"] == "smollm2-135m"].set_index(["method", "pattern"])["value"]
     assert smol[("dense", "none")] < smol[("wanda", "unstructured-0.5")] < smol[("magnitude", "unstructured-0.5")]
     assert smol[("sparsegpt", "unstructured-0.5")] < smol[("magnitude", "unstructured-0.5")]
 
-    table = (workdir / "results" / "tables" / "perplexity.md").read_text()
-    assert "WikiText-2 perplexity, unstructured 50%" in table and "WikiText-2 perplexity, 2:4" in table
-    header = next(line for line in table.splitlines() if line.startswith("| group"))
-    assert header.split("|")[4:-1] == [" Dense ", " Magnitude ", " Wanda ", " SparseGPT "]
-    assert f"{smol[('wanda', 'unstructured-0.5')]:.2f}" in table
-    csv = pd.read_csv(workdir / "results" / "tables" / "perplexity.csv")
-    assert {"group", "model", "source", "Dense", "Wanda", "pattern", "dataset"} <= set(csv.columns)
-    assert (workdir / "results" / "plots" / "perplexity.png").read_bytes()[:4] == b"\x89PNG"
-    layers = pd.read_parquet(workdir / "results" / "pruned" / "smollm2-135m" / "wanda" / "2-4.layers.parquet")
+    table = (results / "tables" / "perplexity.md").read_text()
+    assert "## WikiText-2 perplexity, SmolLM2-135M (SmolLM2)" in table and "## WikiText-2 perplexity, Tiny-LLaMA (Tiny)" in table
+    smol_table = table.split("## WikiText-2 perplexity, SmolLM2-135M (SmolLM2)")[1].split("##")[0]
+    lines = [line for line in smol_table.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    hybrid = runs.loc[("smollm2-135m", "three_tier", "none"), "sparsity"]
+    assert header == ["method", "dense", "unstructured 50%", "2:4", f"Three-tier ({hybrid:.1%})"]
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["Dense", "Magnitude", "Wanda", "SparseGPT", "Three-tier"]
+    wanda = [c.strip() for c in lines[4].strip("|").split("|")]
+    assert wanda == ["Wanda", "", f"{smol[('wanda', 'unstructured-0.5')]:.2f}", f"{smol[('wanda', '2-4')]:.2f}",
+                     f"{smol[('wanda', 'match-three_tier')]:.2f}"]
+    csv = pd.read_csv(results / "tables" / "perplexity.csv")
+    assert {"dataset", "model", "method", "column", "value", "std", "n", "sparsity", "text"} <= set(csv.columns)
+    assert len(csv) == 2 * 7 and (csv["n"] == 1).all()
+    assert "<h2>WikiText-2 perplexity, SmolLM2-135M (SmolLM2)</h2>" in (results / "tables" / "perplexity.html").read_text()
+    for plot in ("perplexity.png", "layer_sparsity.png"):
+        assert (results / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
+    assert not (results / "tables" / "published.md").exists()  # no published figures for this grid: not an output
+    layers = pd.read_parquet(results / "pruned" / "smollm2-135m" / "wanda" / "2-4" / "seed0.layers.parquet")
     assert {"layer", "block", "rows", "cols", "sparsity", "seconds", "tokens", "peak_memory_bytes"} <= set(layers.columns)
     assert len(layers) == 30 * 7 and (layers["sparsity"] == 0.5).all()
+    assert (results / "logs" / "prune" / "smollm2-135m" / "wanda" / "2-4" / "seed0.log").is_file()
+    assert not (workdir / "logs").exists()  # every log is under results/logs
     assert "Tiny-LLaMA" in proc.stdout  # the tables are printed at the end
+    assert "No results" not in proc.stdout
+
+
+def test_report_after_a_run(e2e):
+    workdir, config, _ = e2e
+    report = workdir / "results" / "report.html"
+    proc = smk(workdir, config, "--report", report)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    text = report.read_text()
+    for item in ("perplexity.html", "zeroshot.html", "perplexity.png", "layer_sparsity.png",
+                 "matched baselines", "per-layer statistics"):  # the items and their captions
+        assert item in text, item
 
 
 def test_noop_rerun_does_nothing(e2e):
@@ -192,16 +248,39 @@ def test_adding_a_model_runs_only_its_jobs(e2e, tiny_sources):
     config = json.loads(json.dumps(config))
     config["models"]["tiny-gpt2"] = {"source": str(tiny_sources["gpt2"]), "group": "Tiny"}
     proc = smk(workdir, config, "-n")
-    assert job_counts(proc) == {"materialize_model": 1, "calibrate": 1, "prune": 4, "perplexity": 5, "zeroshot": 5,
+    assert job_counts(proc) == {"materialize_model": 1, "calibrate": 1, "prune": 6, "perplexity": 7, "zeroshot": 7,
                                 "aggregate": 1, "all": 1}
     assert job_models(proc) == {"tiny-gpt2"}
+
+
+def test_adding_a_seed_runs_only_its_jobs(e2e):
+    workdir, config, _ = e2e
+    config = json.loads(json.dumps(config))
+    config["calibration"]["seeds"] = [0, 1]
+    proc = smk(workdir, config, "-n")
+    # Per model: its calibration, then wanda x2, sparsegpt, three_tier and wanda at three_tier's sparsity;
+    # dense and magnitude use no calibration and do not run again.
+    assert job_counts(proc) == {"calibrate": 2, "prune": 2 * 5, "perplexity": 2 * 5, "zeroshot": 2 * 5,
+                                "aggregate": 1, "all": 1}
+    assert job_seeds(proc) == {"seed1"}
+
+
+def test_a_label_change_reruns_only_the_tables(e2e):
+    workdir, config, _ = e2e
+    config = json.loads(json.dumps(config))
+    config["methods"]["wanda"]["label"] = "Wanda (ours)"
+    proc = smk(workdir, config, "-n")
+    assert job_counts(proc) == {"aggregate": 1, "all": 1}
+    # Its reason names a short hash of the config, not the config itself.
+    reason = next(line for line in (proc.stdout + proc.stderr).splitlines() if "reason: Params have changed" in line)
+    assert "config_hash" in reason and len(reason) < 200, reason
 
 
 def test_adding_a_task_runs_only_the_new_evaluations(e2e):
     workdir, config, _ = e2e
     config = json.loads(json.dumps(config))
     config["evals"]["zeroshot"]["tasks"].append("tiny_mc_b")
-    assert job_counts(smk(workdir, config, "-n")) == {"zeroshot": 10, "aggregate": 1, "all": 1}
+    assert job_counts(smk(workdir, config, "-n")) == {"zeroshot": 14, "aggregate": 1, "all": 1}
 
 
 def test_adding_an_evaluation_reruns_no_pruning(e2e, wikitext):
@@ -210,7 +289,7 @@ def test_adding_an_evaluation_reruns_no_pruning(e2e, wikitext):
     config["datasets"]["wikitext2-valid-ppl"] = {"path": str(wikitext / "valid.txt")}
     config["evals"]["perplexity"]["datasets"].append("wikitext2-valid-ppl")
     counts = job_counts(smk(workdir, config, "-n"))
-    assert counts == {"prepare_dataset": 1, "perplexity": 10, "aggregate": 1, "all": 1}
+    assert counts == {"prepare_dataset": 1, "perplexity": 14, "aggregate": 1, "all": 1}
 
 
 def test_gpu_slots_are_distinct(tmp_path, tiny_sources):

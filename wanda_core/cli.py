@@ -11,6 +11,7 @@ import logging
 import platform
 import sys
 import time
+from pathlib import Path
 
 from .errors import WandaError, first_line
 
@@ -90,6 +91,16 @@ def check_calibration(path, windows, meta: dict, m, tokenizer) -> dict:
     return {"file": str(path), "hash": tensor_hash(windows), **{k: meta[k] for k in keep if k in meta}}
 
 
+def sparsity_from(path, pattern: str) -> float:
+    """The measured sparsity in another prune job's report: a baseline pruned at a hybrid pattern's sparsity."""
+    if pattern != "unstructured":
+        raise WandaError(f"--sparsity-from needs --pattern unstructured, got {pattern!r}")
+    try:
+        return float(json.loads(Path(path).read_text())["sparsity"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise WandaError(f"--sparsity-from {path}: not a prune report with a sparsity ({type(e).__name__}: {e})") from None
+
+
 def cmd_prune(a) -> None:
     from . import data, engine, fingerprint, io, model, pruned
 
@@ -99,6 +110,8 @@ def cmd_prune(a) -> None:
     from .methods import check_params, get_method, needs_calibration
 
     method = get_method(a.method)
+    if a.sparsity_from:
+        a.sparsity = str(sparsity_from(a.sparsity_from, a.pattern))
     sparsity = _sparsity(a.sparsity)
     if a.pipeline not in engine.PIPELINES:
         raise WandaError(f"unknown pipeline {a.pipeline!r}: choose one of {', '.join(engine.PIPELINES)}")
@@ -120,7 +133,7 @@ def cmd_prune(a) -> None:
         rows = [{"method": report["method"], "pattern": report["pattern"], **r} for r in report["layers"]]
         io.write_table(rows, a.stats)
     if a.report:
-        io.write_json({**meta, **provenance()}, a.report)
+        io.write_json({**meta, "sparsity_from": a.sparsity_from, **provenance()}, a.report)
     log.info("%s %s: sparsity %.4f in %.1f s -> %s", a.method, report["pattern"], report["sparsity"], report["seconds"], a.out)
 
 
@@ -299,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "pass for the next inputs), one_pass (each block runs once) or independent (statistics of the dense model)")
     s.add_argument("--compute-dtype", default=None, help="run block forwards in this dtype (bfloat16 on AMX CPUs), "
                    "statistics stay float32; auto: bfloat16 where the hardware has it")
+    s.add_argument("--sparsity-from", metavar="REPORT", help="prune at the sparsity measured in this prune --report (.json)")
     s.add_argument("--param", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
     s.add_argument("--calibration", help="calibration windows from 'calibrate'")
     s.add_argument("--batch-size", type=int, default=8)

@@ -1,10 +1,11 @@
-"""The benchmark grid of the workflow: pattern labels, method x pattern expansion, result paths.
+"""The benchmark grid of the workflow: pattern labels, method x pattern x seed expansion, result paths.
 
 Kept in the library (not in the Snakefile) so that it is tested like the rest of the code.
 """
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 from .errors import WandaError
 from .masks import parse_pattern
@@ -12,15 +13,22 @@ from .methods import check_params, get_method
 
 # Methods whose structure is fixed by their own options: they run once, under the label "none".
 OWN_PATTERN = ("dense", "three_tier", "hybrid_nm")
+# 'match-<method>': unstructured at the sparsity that <method> (one of OWN_PATTERN) measured, read from
+# its prune report when the job runs: the plain methods' baseline beside a hybrid pattern.
+MATCH = "match-"
+NO_SEED = "noseed"  # the seed label of runs that use no calibration (dense, magnitude)
 
 
-def pattern_args(label: str) -> tuple[str, float]:
+def pattern_args(label: str) -> tuple[str, float | None]:
     """A file-name-safe pattern label -> (pattern, sparsity) for wanda_core.prune.
 
-    'unstructured-0.5' -> ('unstructured', 0.5); '2-4' -> ('2:4', 0.5); 'none' -> ('unstructured', 0.0).
+    'unstructured-0.5' -> ('unstructured', 0.5); '2-4' -> ('2:4', 0.5); 'none' -> ('unstructured', 0.0);
+    'match-three_tier' -> ('unstructured', None): the sparsity comes from three_tier's prune report.
     """
     if label == "none":
         return "unstructured", 0.0
+    if label.startswith(MATCH):
+        return "unstructured", None
     m = re.fullmatch(r"unstructured-([0-9.]+)", label)
     if m:
         return "unstructured", float(m.group(1))
@@ -31,18 +39,61 @@ def pattern_args(label: str) -> tuple[str, float]:
     raise WandaError(f"unknown pattern label {label!r}: use 'unstructured-<sparsity>' (e.g. unstructured-0.5) or '<N>-<M>' (e.g. 2-4)")
 
 
-def pattern_title(label: str) -> str:
+def pattern_title(label: str, config: dict | None = None) -> str:
     if label == "none":
         return "own structure"
+    if label.startswith(MATCH):
+        source = label.removeprefix(MATCH)
+        return f"{((config or {}).get('methods', {}).get(source) or {}).get('label', source)} sparsity"
     pattern, sparsity = pattern_args(label)
     return f"unstructured {sparsity:.0%}" if pattern == "unstructured" else pattern
+
+
+def matched_sources(config: dict, name: str) -> list[str]:
+    """The own-structure methods whose measured sparsity method `name` is also run at (their `matched` lists)."""
+    return [source for source, spec in config["methods"].items() if name in (spec.get("matched") or [])]
 
 
 def method_patterns(config: dict, name: str) -> list[str]:
     spec = config["methods"][name]
     if spec["method"] in OWN_PATTERN:
         return ["none"]
-    return list(spec.get("patterns") or config["patterns"])
+    return list(spec.get("patterns") or config["patterns"]) + [MATCH + s for s in matched_sources(config, name)]
+
+
+def seeds(config: dict) -> list[int]:
+    """The calibration seeds: `calibration.seeds`, or the older single `calibration.seed`, or [0]."""
+    calib = config["calibration"]
+    if "seeds" in calib and "seed" in calib:
+        raise WandaError("config calibration: give seeds (a list), not also seed")
+    return list(calib["seeds"]) if "seeds" in calib else [calib.get("seed", 0)]
+
+
+def needs_calibration(config: dict, name: str) -> bool:
+    from .methods import needs_calibration
+
+    spec = config["methods"][name]
+    return needs_calibration(get_method(spec["method"]), spec.get("params"))
+
+
+def method_seeds(config: dict, name: str) -> list[str]:
+    """Seed labels of a method's runs: one per calibration seed ('seed0', ...), or 'noseed' without calibration."""
+    return [f"seed{s}" for s in seeds(config)] if needs_calibration(config, name) else [NO_SEED]
+
+
+def seed_number(label: str) -> int | None:
+    return None if label == NO_SEED else int(label.removeprefix("seed"))
+
+
+def match_report(config: dict, run: "Run") -> str:
+    """The prune report whose measured sparsity the 'match-<method>' run `run` prunes at.
+
+    Same seed as the run where both calibrate; a run without calibration follows the first seed.
+    """
+    source = run.pattern.removeprefix(MATCH)
+    source_seeds = method_seeds(config, source)
+    seed = run.seed if run.seed in source_seeds else source_seeds[0]
+    return f"results/pruned/{run.model}/{source}/none/{seed}.json"
 
 
 def check_config(config: dict) -> None:
@@ -53,16 +104,32 @@ def check_config(config: dict) -> None:
             method = get_method(spec["method"])
             for label in method_patterns(config, name):
                 pattern, sparsity = pattern_args(label)
+                if sparsity is None:  # a matched baseline: unstructured at a sparsity known later; 0.5 stands in
+                    sparsity = 0.5
                 check_params(method, parse_pattern(pattern, None if ":" in pattern else sparsity), dict(spec.get("params", {})))
+            check_matched(config, name)
         except WandaError as e:
             raise WandaError(f"config methods.{name}: {e}") from None
     check_unique_labels(config)
+    seeds(config)
     calib = config["calibration"]["dataset"]
     if calib not in datasets:
         raise WandaError(f"config calibration.dataset: {calib!r} is not in datasets ({', '.join(datasets) or 'none'})")
     for ds in config["evals"]["perplexity"]["datasets"]:
         if ds not in datasets:
             raise WandaError(f"config evals.perplexity.datasets: {ds!r} is not in datasets ({', '.join(datasets) or 'none'})")
+
+
+def check_matched(config: dict, name: str) -> None:
+    matched = config["methods"][name].get("matched") or []
+    hybrids = [m for m in OWN_PATTERN if m != "dense"]
+    if matched and config["methods"][name]["method"] not in hybrids:
+        raise WandaError(f"matched: only methods with their own structure ({', '.join(hybrids)}) have a sparsity to match")
+    for other in matched:
+        if other not in config["methods"]:
+            raise WandaError(f"matched: {other!r} is not in methods ({', '.join(config['methods'])})")
+        if config["methods"][other]["method"] in OWN_PATTERN:
+            raise WandaError(f"matched: {other!r} has its own structure; it cannot prune at another method's sparsity")
 
 
 def check_unique_labels(config: dict) -> None:
@@ -116,13 +183,26 @@ def check_tasks(config: dict, basedir: str = ".") -> None:
             raise WandaError(f"config evals.zeroshot: {e}") from None
 
 
-def runs(config: dict) -> list[tuple[str, str, str]]:
-    """Every (model, method, pattern label) of the grid."""
-    return [(model, method, label) for model in config["models"] for method in config["methods"]
-            for label in method_patterns(config, method)]
+class Run(NamedTuple):
+    """One pruned (or dense) model of the grid; its files live under `{model}/{method}/{pattern}/{seed}`."""
+
+    model: str
+    method: str
+    pattern: str
+    seed: str  # 'seed0', 'seed1', ... or 'noseed'
+
+    @property
+    def path(self) -> str:
+        return f"{self.model}/{self.method}/{self.pattern}/{self.seed}"
 
 
-def calibration_id(config: dict) -> str:
+def runs(config: dict) -> list[Run]:
+    """Every (model, method, pattern label, seed label) of the grid."""
+    return [Run(model, method, label, seed) for model in config["models"] for method in config["methods"]
+            for label in method_patterns(config, method) for seed in method_seeds(config, method)]
+
+
+def calibration_id(config: dict, seed: int) -> str:
     """The calibration file's name: every setting that changes the windows, so changing one re-calibrates."""
     c = config["calibration"]
-    return f"{c['dataset']}_{c.get('sampler', 'stream')}_n{c['nsamples']}_len{c['seqlen']}_seed{c['seed']}"
+    return f"{c['dataset']}_{c.get('sampler', 'stream')}_n{c['nsamples']}_len{c['seqlen']}_seed{seed}"

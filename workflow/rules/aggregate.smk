@@ -1,25 +1,20 @@
-# Everything in one long Parquet table, then the paper's tables (Markdown + CSV) and a plot.
-
-
+# Everything in one long Parquet table, then the paper's tables (Markdown, CSV, HTML for the report) and plots
+# (outputs: aggregate_outputs() in common.smk).
 rule aggregate:
     input:
         ppl=ppl_results(),
         zeroshot=zeroshot_results(),
         reports=prune_reports(),
+        layers=prune_layers(),
         published=PUBLISHED,
     output:
-        benchmark="results/benchmark.parquet",
-        table="results/tables/perplexity.md",
-        csv="results/tables/perplexity.csv",
-        zeroshot_table="results/tables/zeroshot.md",
-        zeroshot_csv="results/tables/zeroshot.csv",
-        plot=report("results/plots/perplexity.png", caption="../report/perplexity.rst", category="Perplexity"),
+        **aggregate_outputs(),
     params:
-        runs=RUNS,
-        config=config,
-        published=PUBLISHED,
+        # Labels, groups and published figures shape the tables: a short hash of the config reruns them
+        # when it changes (the config itself would fill `snakemake -n`'s reasons).
+        config_hash=CONFIG_HASH,
     log:
-        "logs/aggregate.log",
+        "results/logs/aggregate.log",
     conda:
         "../../environment.yml"
     localrule: True

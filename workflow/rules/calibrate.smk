@@ -1,4 +1,4 @@
-# Calibration windows per (model tokenizer, data set, sampler, nsamples, seqlen, seed), shared by every method.
+# Calibration windows per (model tokenizer, data set, sampler, nsamples, seqlen, seed), shared by every method of that seed.
 
 
 rule calibrate:
@@ -10,11 +10,11 @@ rule calibrate:
     params:
         nsamples=config["calibration"]["nsamples"],
         seqlen=config["calibration"]["seqlen"],
-        seed=config["calibration"]["seed"],
+        seed=lambda wc: CALIBRATION_SEEDS[wc.calibration],
         model=lambda wc: model_flags(wc, blocks=False),
         sampler=config["calibration"]["sampler"],
     log:
-        "logs/calibrate/{model}/{calibration}.log",
+        "results/logs/calibrate/{model}/{calibration}.log",
     conda:
         "../../environment.yml"
     shell:

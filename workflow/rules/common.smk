@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import sys
@@ -31,7 +32,10 @@ os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), search_pa
 RUNS = grid.runs(config)
 # Relative to the repository, so that a run in another --directory finds it too.
 PUBLISHED = [os.path.join(workflow.basedir, config["published"])] if config["published"] else []
-CALIBRATION_ID = grid.calibration_id(config)
+# Calibration file name -> its seed: one calibration (and one pruned model) per seed.
+CALIBRATION_SEEDS = {grid.calibration_id(config, seed): seed for seed in grid.seeds(config)}
+# What the tables are made with (labels, groups, published figures), short enough for `snakemake -n`'s reasons.
+CONFIG_HASH = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 ZEROSHOT = config["evals"]["zeroshot"]
@@ -41,7 +45,8 @@ TASK_DIR = ZEROSHOT["include_path"] and os.path.join(workflow.basedir, ZEROSHOT[
 wildcard_constraints:
     model="|".join(config["models"]),
     method="|".join(config["methods"]),
-    pattern=r"none|unstructured-[0-9.]+|[0-9]+-[0-9]+",
+    pattern=r"none|unstructured-[0-9.]+|[0-9]+-[0-9]+|" + "|".join(grid.MATCH + m for m in config["methods"]),
+    seed=rf"seed[0-9]+|{grid.NO_SEED}",
     dataset="|".join(config["datasets"]) or "NONE",
     task="|".join(ZEROSHOT["tasks"]) or "NONE",
 
@@ -60,13 +65,6 @@ def method_spec(wildcards):
     return config["methods"][wildcards.method]
 
 
-def needs_calibration(method):
-    from wanda_core.methods import get_method, needs_calibration
-
-    spec = config["methods"][method]
-    return needs_calibration(get_method(spec["method"]), spec.get("params"))
-
-
 def is_dense(method):
     return config["methods"][method]["method"] == "dense"
 
@@ -80,10 +78,17 @@ def threads_for(wildcards):
     return 4 if gpus(wildcards) else workflow.cores
 
 
+def run_of(wildcards):
+    return grid.Run(wildcards.model, wildcards.method, wildcards.pattern, wildcards.seed)
+
+
 def prune_inputs(wildcards):
     inputs = {"model": f"resources/models/{wildcards.model}"}
-    if needs_calibration(wildcards.method):
-        inputs["calibration"] = f"results/calibration/{wildcards.model}/{CALIBRATION_ID}.safetensors"
+    seed = grid.seed_number(wildcards.seed)
+    if seed is not None:
+        inputs["calibration"] = f"results/calibration/{wildcards.model}/{grid.calibration_id(config, seed)}.safetensors"
+    if wildcards.pattern.startswith(grid.MATCH):
+        inputs["match"] = grid.match_report(config, run_of(wildcards))
     return inputs
 
 
@@ -92,7 +97,7 @@ def eval_inputs(wildcards):
     if "dataset" in wildcards.keys():
         inputs["data"] = f"resources/data/{wildcards.dataset}.jsonl"
     if not is_dense(wildcards.method):
-        inputs["pruned"] = f"results/pruned/{wildcards.model}/{wildcards.method}/{wildcards.pattern}.safetensors"
+        inputs["pruned"] = f"results/pruned/{run_of(wildcards).path}.safetensors"
     return inputs
 
 
@@ -102,7 +107,8 @@ def prune_args(wildcards):
     params = " ".join(f"--param {k}={json.dumps(v)}" for k, v in spec.get("params", {}).items())
     pipeline = spec.get("pipeline") or config["pruning"]["pipeline"]
     dtype = config["pruning"]["compute_dtype"]
-    return (f"--method {spec['method']} --pattern {pattern} --sparsity {sparsity} {params} --pipeline {pipeline}"
+    target = f"--sparsity-from {grid.match_report(config, run_of(wildcards))}" if sparsity is None else f"--sparsity {sparsity}"
+    return (f"--method {spec['method']} --pattern {pattern} {target} {params} --pipeline {pipeline}"
             + (f" --compute-dtype {dtype}" if dtype else ""))
 
 
@@ -112,20 +118,46 @@ def pruned_weights(path):
 
 
 def ppl_results():
-    return [
-        f"results/ppl/{model}/{method}/{pattern}/{dataset}.parquet"
-        for model, method, pattern in RUNS
-        for dataset in config["evals"]["perplexity"]["datasets"]
-    ]
+    return [f"results/ppl/{run.path}/{dataset}.parquet" for run in RUNS for dataset in config["evals"]["perplexity"]["datasets"]]
 
 
 def prune_reports():
-    return [f"results/pruned/{m}/{meth}/{p}.json" for m, meth, p in RUNS if not is_dense(meth)]
+    return [f"results/pruned/{run.path}.json" for run in RUNS if not is_dense(run.method)]
+
+
+def prune_layers():
+    return [f"results/pruned/{run.path}.layers.parquet" for run in RUNS if not is_dense(run.method)]
 
 
 def zeroshot_results():
-    return [
-        f"results/zeroshot/{model}/{method}/{pattern}/{task}.parquet"
-        for model, method, pattern in RUNS
-        for task in ZEROSHOT["tasks"]
-    ]
+    return [f"results/zeroshot/{run.path}/{task}.parquet" for run in RUNS for task in ZEROSHOT["tasks"]]
+
+
+def aggregate_outputs():
+    """Only what the config can fill: zero-shot tables need tasks, the comparison with published figures
+    needs some for this grid, the per-layer plot a pruned model."""
+    from wanda_core.tables import published_for_grid
+
+    out = {"benchmark": "results/benchmark.parquet"}
+    if config["evals"]["perplexity"]["datasets"]:
+        out.update(
+            table="results/tables/perplexity.md",
+            csv="results/tables/perplexity.csv",
+            html=report("results/tables/perplexity.html", caption="../report/perplexity_table.rst", category="Tables"),
+            plot=report("results/plots/perplexity.png", caption="../report/perplexity.rst", category="Plots"),
+        )
+    if ZEROSHOT["tasks"]:
+        out.update(
+            zeroshot_table="results/tables/zeroshot.md",
+            zeroshot_csv="results/tables/zeroshot.csv",
+            zeroshot_html=report("results/tables/zeroshot.html", caption="../report/zeroshot_table.rst", category="Tables"),
+        )
+    if PUBLISHED and len(published_for_grid(PUBLISHED[0], config)):
+        out.update(
+            published_table="results/tables/published.md",
+            published_csv="results/tables/published.csv",
+            published_html=report("results/tables/published.html", caption="../report/published.rst", category="Tables"),
+        )
+    if prune_layers():
+        out["layer_plot"] = report("results/plots/layer_sparsity.png", caption="../report/layer_sparsity.rst", category="Plots")
+    return out

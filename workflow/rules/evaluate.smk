@@ -5,7 +5,7 @@ rule perplexity:
     input:
         unpack(eval_inputs),
     output:
-        "results/ppl/{model}/{method}/{pattern}/{dataset}.parquet",
+        "results/ppl/{model}/{method}/{pattern}/{seed}/{dataset}.parquet",
     params:
         pruned=lambda wc, input: f"--pruned {input.pruned}" if "pruned" in input.keys() else "",
         model=model_flags,
@@ -24,7 +24,7 @@ rule perplexity:
         mem_mb=lambda wc: model_spec(wc)["mem_mb"],
         runtime=lambda wc: model_spec(wc)["runtime"],
     log:
-        "logs/perplexity/{model}/{method}/{pattern}/{dataset}.log",
+        "results/logs/perplexity/{model}/{method}/{pattern}/{seed}/{dataset}.log",
     conda:
         "../../environment.yml"
     shell:
@@ -37,7 +37,7 @@ rule zeroshot:
     input:
         unpack(eval_inputs),
     output:
-        "results/zeroshot/{model}/{method}/{pattern}/{task}.parquet",
+        "results/zeroshot/{model}/{method}/{pattern}/{seed}/{task}.parquet",
     params:
         pruned=lambda wc, input: f"--pruned {input.pruned}" if "pruned" in input.keys() else "",
         model=model_flags,
@@ -47,7 +47,7 @@ rule zeroshot:
         seed=ZEROSHOT["seed"],
         # lm-eval's request cache ignores which model answered: one cache per pruned model.
         cache=lambda wc: (
-            f"--cache results/zeroshot/{wc.model}/{wc.method}/{wc.pattern}/lm-eval-cache/{wc.task}"
+            f"--cache results/zeroshot/{run_of(wc).path}/lm-eval-cache/{wc.task}"
             if ZEROSHOT["cache"]
             else ""
         ),
@@ -59,7 +59,7 @@ rule zeroshot:
         mem_mb=lambda wc: model_spec(wc)["mem_mb"],
         runtime=lambda wc: model_spec(wc)["runtime"],
     log:
-        "logs/zeroshot/{model}/{method}/{pattern}/{task}.log",
+        "results/logs/zeroshot/{model}/{method}/{pattern}/{seed}/{task}.log",
     conda:
         "../../environment.yml"
     shell:

@@ -1,13 +1,15 @@
-# Pruning per (model, method, pattern): bit-packed masks (+ kept values when the method changed them), per-layer statistics.
+# Pruning per (model, method, pattern, calibration seed): bit-packed masks (+ kept values when the method changed
+# them) and per-layer statistics. A 'match-<method>' pattern also takes <method>'s report: it prunes at the sparsity
+# measured there.
 
 
 rule prune:
     input:
         unpack(prune_inputs),
     output:
-        weights=pruned_weights("results/pruned/{model}/{method}/{pattern}.safetensors"),
-        layers="results/pruned/{model}/{method}/{pattern}.layers.parquet",
-        report="results/pruned/{model}/{method}/{pattern}.json",
+        weights=pruned_weights("results/pruned/{model}/{method}/{pattern}/{seed}.safetensors"),
+        layers="results/pruned/{model}/{method}/{pattern}/{seed}.layers.parquet",
+        report="results/pruned/{model}/{method}/{pattern}/{seed}.json",
     params:
         args=prune_args,
         model=model_flags,
@@ -21,7 +23,7 @@ rule prune:
         mem_mb=lambda wc: model_spec(wc)["mem_mb"],
         runtime=lambda wc: model_spec(wc)["runtime"],
     log:
-        "logs/prune/{model}/{method}/{pattern}.log",
+        "results/logs/prune/{model}/{method}/{pattern}/{seed}.log",
     conda:
         "../../environment.yml"
     shell:

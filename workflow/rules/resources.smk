@@ -7,7 +7,7 @@ rule materialize_model:
     params:
         source=lambda wc: model_spec(wc)["source"],
     log:
-        "logs/materialize_model/{model}.log",
+        "results/logs/materialize_model/{model}.log",
     conda:
         "../../environment.yml"
     localrule: True
@@ -21,7 +21,7 @@ rule prepare_dataset:
     params:
         spec=lambda wc: json.dumps(config["datasets"][wc.dataset]),
     log:
-        "logs/prepare_dataset/{dataset}.log",
+        "results/logs/prepare_dataset/{dataset}.log",
     conda:
         "../../environment.yml"
     localrule: True

@@ -9,7 +9,9 @@ with open(snakemake.log[0], "w") as log:
         snakemake.input.ppl,
         snakemake.input.reports,
         snakemake.input.zeroshot,
-        {**snakemake.params.config, "published": (snakemake.params.published or [None])[0]},
+        {**snakemake.config, "published": (snakemake.input.published or [None])[0]},
         dict(snakemake.output.items()),
+        snakemake.input.layers,
     )
-print(text, file=sys.__stdout__)
+if text:
+    print(text, file=sys.__stdout__)
