@@ -93,7 +93,8 @@ def main():
                                                        "--data", data[ppl["datasets"][0]], *evaluate], results, args.threads)
     total = {k: round(sum(r[k] for r in results), 1) for k in ("wall_s", "cpu_s")}
     result = {"model": args.model, "threads": args.threads, "jobs": results, "total": total, **common.machine_note(start)}
-    common.write_result(f"demo_jobs_{args.model}_cpu", result)
+    chosen = "-".join(args.methods or []) + ("_" + "-".join(args.patterns) if args.patterns else "")
+    common.write_result(f"demo_jobs_{args.model}{'_' + chosen if chosen else ''}{'_noeval' if args.no_eval else ''}_cpu", result)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def test_ordering_dense_wanda_magnitude(ppl):
     print(f"\nGemma-3-270M WikiText-2 PPL: dense {dense:.2f} magnitude {magnitude:.2f} wanda {wanda:.2f}")
     assert all(math.isfinite(x) for x in (dense, magnitude, wanda))
     assert dense < wanda < magnitude
-    assert 20 < dense < 400  # a trained model (127 here), not noise (vocab 262144 would give ~2.6e5)
+    assert 20 < dense < 1000  # a trained model (215 here; 127 at seqlen 512), not noise (vocab 262144: ~2.6e5)
     for rep, stats in ((rep_m, stats_m), (rep_w, stats_w)):
         # check_sparsity counts exactly the zeros the engine reports, matrix by matrix.
         assert rep["sparsity"] == pytest.approx(0.5, abs=1e-4)
