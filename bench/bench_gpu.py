@@ -1,8 +1,9 @@
 """GPU figures on one H100/H200: pruning a LLaMA-2-7B-shaped model, and 2:4 inference speed; prints JSON.
 
   prune     random LLaMA-2-7B shape (hidden 4096, MLP 11008, 32 layers, 32 heads, vocab 32000), bf16,
-            128 x 2048 random calibration tokens: wanda, sparsegpt, three_tier; time and peak GPU memory
-            with the weights resident on the GPU and streamed block by block from the CPU; against
+            128 x 2048 random calibration tokens: wanda, sparsegpt, three_tier, each pipeline (sequential,
+            one_pass, independent); time and peak GPU memory with the weights resident on the GPU and
+            streamed block by block from the CPU; against
             the floor of two forward passes over the calibration set (measured, and 4 x params x tokens
             FLOPs at the measured bf16 matmul rate)
   sparse24  every 7B linear shape pruned 2:4 and converted with to_sparse_semi_structured, against
@@ -164,7 +165,7 @@ def sparse24_model(model, device, prefill, backend, vocab):
     return result
 
 
-def prune_run(model, method, calib, placement, device, floor):
+def prune_run(model, method, calib, placement, device, floor, pipeline="sequential"):
     """One wanda_core.prune() call: weights resident on `device`, or on the CPU and streamed block by block."""
     common.reset_weights(model, seed=1)  # a fresh dense model for every run
     model.to(device if placement == "resident" else "cpu")
@@ -174,10 +175,11 @@ def prune_run(model, method, calib, placement, device, floor):
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     sync(device)
     t0 = time.perf_counter()
-    report = wc.prune(model, method, "unstructured", 0.5, calib, device=str(device), batch_size=8, progress=False)
+    report = wc.prune(model, method, "unstructured", 0.5, calib, device=str(device), batch_size=8, progress=False,
+                      pipeline=pipeline)
     sync(device)
     seconds = time.perf_counter() - t0
-    row = {"method": method, "placement": placement, "seconds": round(seconds, 2),
+    row = {"method": method, "placement": placement, "pipeline": report["pipeline"], "seconds": round(seconds, 2),
            "matrix_seconds": round(sum(r["seconds"] for r in report["layers"]), 2),
            "sparsity": round(report["sparsity"], 4), "over_measured_floor": round(seconds / floor["measured_two_passes_s"], 2),
            "over_flops_floor": round(seconds / floor["flops_two_passes_s"], 2)}
@@ -193,8 +195,10 @@ def main():
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, no semi-structured: tests this script")
     p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128; smoke 4)")
     p.add_argument("--seqlen", type=int, default=None, help="calibration and prefill length (default 2048; smoke 64)")
-    p.add_argument("--runs", default="wanda:resident,wanda:streaming,three_tier:resident,sparsegpt:resident,three_tier:streaming",
-                   help="method:placement prune runs, in order (sparsegpt on 7B takes minutes: once)")
+    p.add_argument("--runs", default="wanda:resident,wanda:resident:one_pass,wanda:resident:independent,wanda:streaming,"
+                   "wanda:streaming:one_pass,sparsegpt:resident,sparsegpt:resident:one_pass,sparsegpt:resident:independent,"
+                   "three_tier:resident",
+                   help="method:placement[:pipeline] prune runs, in order (sparsegpt on 7B takes minutes)")
     p.add_argument("--skip", default="", help="stages to skip: sparse24,prune")
     p.add_argument("--budget-s", type=float, default=420, help="start no prune run after this many seconds")
     p.add_argument("--out", default=os.environ.get("OUT"), help="also write the JSON here (default $OUT)")
@@ -282,12 +286,12 @@ def main():
             args.runs = ""  # without the floor a failure below would only repeat
         result["prune"] = []
         for run in filter(None, args.runs.split(",")):
-            method, placement = run.split(":")
-            key = f"prune_{method}_{placement}"
+            method, placement, pipeline = (run.split(":") + ["sequential"])[:3]
+            key = f"prune_{method}_{placement}_{pipeline}"
             if time.perf_counter() - t_start > args.budget_s:
                 result["stages"][key] = f"skipped: past the {args.budget_s:.0f} s budget"
                 continue
-            stage(key, lambda: prune_run(model, method, calib, placement, device, result["floor"]))
+            stage(key, lambda: prune_run(model, method, calib, placement, device, result["floor"], pipeline))
             if isinstance(result.get(key), dict):
                 result["prune"].append(result.pop(key))
     save(echo=True)

@@ -139,3 +139,24 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
+
+
+def wikitext_windows(tokenizer, nsamples=32, seqlen=512, seed=0):
+    """Calibration windows from WikiText-2 valid.txt drawn as the Wanda code's get_wikitext2 draws them
+    (locuslab/wanda lib/data.py): one stream of the lines joined with " ", then per sample
+    random.randint(0, n - seqlen - 1) after random.seed(seed)."""
+    import random
+
+    import wanda_core as wc
+
+    ids = wc.tokenize(tokenizer, wc.read_corpus(WIKITEXT / "valid.txt", join=" "))
+    random.seed(seed)
+    starts = [random.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[s : s + seqlen] for s in starts])
+
+
+def wikitext_test_ids(tokenizer):
+    """WikiText-2 test.txt as one token stream, lines joined with "\\n\\n" as the paper's evaluation."""
+    import wanda_core as wc
+
+    return wc.tokenize(tokenizer, wc.read_corpus(WIKITEXT / "test.txt"))
