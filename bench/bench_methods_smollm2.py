@@ -24,6 +24,8 @@ RUNS = [  # (label, method, pattern, sparsity, options)
     ("ria 50%", "ria", "unstructured", 0.5, {}),
     ("ria 2:4", "ria", "2:4", None, {}),
     ("dsnot+wanda 60%", "dsnot", "unstructured", 0.6, {"init": "wanda"}),
+    # The authors' code applies the sign rule to N:M masks only (see README); here to unstructured too.
+    ("dsnot+wanda 60% same_sign", "dsnot", "unstructured", 0.6, {"init": "wanda", "same_sign": True}),
 ]
 
 
