@@ -10,6 +10,7 @@ import pandas as pd
 from . import grid
 from .grid import MATCH
 from .io import atomic_path
+from .tables import DATASET_TITLES, column_order, column_sparsity, column_title, model_order, ordered
 
 
 def _pyplot():
@@ -32,19 +33,17 @@ def perplexity_plot(cells: pd.DataFrame, config: dict, path) -> None:
     Dense is a dashed line across the panel; a method with its own structure is hatched, in the group of
     the plain methods pruned at its measured sparsity. Error bars: std over calibration seeds.
     """
-    from .tables import _column_order, _column_sparsity, _column_title, _models, _ordered
-
     plt = _pyplot()
-    panels = [(m, d) for d in cells["dataset"].unique() for m in _models(config)
+    panels = [(m, d) for d in cells["dataset"].unique() for m in model_order(config)
               if ((cells["model"] == m) & (cells["dataset"] == d)).any()]
-    labels = _ordered(cells["method_label"], [config["methods"][m].get("label", m) for m in config["methods"]])
+    labels = ordered(cells["method_label"], [config["methods"][m].get("label", m) for m in config["methods"]])
     colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     widths = [max(2, cells[(cells["model"] == m) & (cells["dataset"] == d)]["column"].nunique()) for m, d in panels]
     fig, axes = plt.subplots(len(panels) or 1, 1, figsize=(max(7, 1.6 * max(widths, default=2) + 3), 4.2 * max(len(panels), 1)),
                              squeeze=False)
     for ax, (model, dataset) in zip(axes[:, 0], panels):
         c = cells[(cells["model"] == model) & (cells["dataset"] == dataset)]
-        columns = [col for col in _ordered(c["column"], _column_order(config)) if col != "dense"]
+        columns = [col for col in ordered(c["column"], column_order(config)) if col != "dense"]
         values = c["value"].dropna()
         log = len(values) > 1 and values.max() / max(values.min(), 1e-9) > 30
         dense = c[c["column"] == "dense"]
@@ -70,18 +69,16 @@ def perplexity_plot(cells: pd.DataFrame, config: dict, path) -> None:
             for x, column in enumerate(columns):
                 if column.startswith(MATCH):
                     ax.axvspan(x - 0.45, x + 0.45, color="0.93", zorder=0)
-            ax.set_xticks(range(len(columns)), [_column_title(col, config, _column_sparsity(c, col)) for col in columns])
+            ax.set_xticks(range(len(columns)), [column_title(col, config, column_sparsity(c, col)) for col in columns])
         ax.set_xlim(-0.6, max(len(columns), 1) - 0.4)
         if log:
             ax.set_yscale("log")
         ax.margins(y=0.25)
         ax.set_ylabel("perplexity (lower is better)" + (", log scale" if log else ""))
         spec = config["models"][model]
-        from .tables import DATASET_TITLES
-
         ax.set_title(f"{spec.get('label', model)}: {DATASET_TITLES.get(dataset, dataset)}")
-        handles = [plt.Rectangle((0, 0), 1, 1, color=colours[lb]) for lb in _ordered(c.loc[c["column"] != "dense", "method_label"], labels)]
-        names = _ordered(c.loc[c["column"] != "dense", "method_label"], labels)
+        names = ordered(c.loc[c["column"] != "dense", "method_label"], labels)
+        handles = [plt.Rectangle((0, 0), 1, 1, color=colours[name]) for name in names]
         dense_handles, dense_names = ax.get_legend_handles_labels()
         hybrid = [plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch="//")]
         has_own = any(col.startswith(MATCH) for col in columns)

@@ -179,7 +179,7 @@ def cell_text(value, std, n, failed, note: str = "") -> str:
     return text + (f", {failed} failed" if failed else "") + note
 
 
-def _column_sparsity(cells: pd.DataFrame, column: str) -> float | None:
+def column_sparsity(cells: pd.DataFrame, column: str) -> float | None:
     """What a column's sparsity is: the pattern's, or what its own-structure method measured."""
     if column == "dense":
         return 0.0
@@ -189,7 +189,7 @@ def _column_sparsity(cells: pd.DataFrame, column: str) -> float | None:
     return float(own["sparsity"].mean()) if len(own) else None
 
 
-def _column_title(column: str, config: dict, sparsity: float | None) -> str:
+def column_title(column: str, config: dict, sparsity: float | None) -> str:
     if column == "dense":
         return "dense"
     if column.startswith(MATCH):
@@ -199,19 +199,19 @@ def _column_title(column: str, config: dict, sparsity: float | None) -> str:
     return pattern_title(column)
 
 
-def _ordered(values, order: list) -> list:
+def ordered(values, order: list) -> list:
     """Distinct values, those in `order` first in its order, the rest as they come."""
     values = list(dict.fromkeys(values))
     return [v for v in order if v in values] + [v for v in values if v not in order]
 
 
-def _column_order(config: dict) -> list[str]:
+def column_order(config: dict) -> list[str]:
     plain = [p for m in config["methods"] for p in grid.method_patterns(config, m) if p != "none" and not p.startswith(MATCH)]
     own = [MATCH + m for m, spec in config["methods"].items() if spec["method"] in grid.OWN_PATTERN and spec["method"] != "dense"]
     return ["dense", *dict.fromkeys([*config.get("patterns", []), *plain]), *own]
 
 
-def _models(config: dict) -> list[str]:
+def model_order(config: dict) -> list[str]:
     """Models of the config, grouped by family (groups in order of first appearance)."""
     groups = list(dict.fromkeys(spec["group"] for spec in config["models"].values()))
     return sorted(config["models"], key=lambda m: groups.index(config["models"][m]["group"]))
@@ -245,16 +245,16 @@ def perplexity_tables(cells: pd.DataFrame, published: pd.DataFrame, config: dict
     """
     tables = []
     for dataset in cells["dataset"].unique():
-        for model in _models(config):
+        for model in model_order(config):
             c = cells[(cells["dataset"] == dataset) & (cells["model"] == model)]
             if not len(c):
                 continue
-            columns = _ordered(c["column"], _column_order(config))
-            sparsity = {col: _column_sparsity(c, col) for col in columns}
-            titles = {col: _column_title(col, config, sparsity[col]) for col in columns}
+            columns = ordered(c["column"], column_order(config))
+            sparsity = {col: column_sparsity(c, col) for col in columns}
+            titles = {col: column_title(col, config, sparsity[col]) for col in columns}
             pub = published[(published["model"] == model) & (published["dataset"] == dataset)] if len(published) else published
             rows = []
-            for method in _ordered(c["method"], list(config["methods"])):
+            for method in ordered(c["method"], list(config["methods"])):
                 m = c[c["method"] == method]
                 for label in m["method_label"].unique():
                     row = {"method": label, "source": "measured"}
@@ -311,14 +311,14 @@ def zeroshot_tables(cells: pd.DataFrame, published: pd.DataFrame, config: dict) 
         return []
     tasks = [t for t in dict.fromkeys(cells["dataset"]) if t != "Mean"]
     pub = published[published["dataset"] == ZEROSHOT_MEAN] if len(published) else published
-    columns = [c for c in _ordered(cells["column"], _column_order(config)) if c != "dense"] or ["dense"]
+    columns = [c for c in ordered(cells["column"], column_order(config)) if c != "dense"] or ["dense"]
     tables = []
     for column in columns:
         d = cells[(cells["column"] == column) | (cells["column"] == "dense")]
         rows = []
-        for model in _models(config):
+        for model in model_order(config):
             spec = config["models"][model]
-            for method in _ordered(d.loc[d["model"] == model, "method"], list(config["methods"])):
+            for method in ordered(d.loc[d["model"] == model, "method"], list(config["methods"])):
                 m = d[(d["model"] == model) & (d["method"] == method)]
                 for label in m["method_label"].unique():
                     g = m[m["method_label"] == label].set_index("dataset")
@@ -337,7 +337,7 @@ def zeroshot_tables(cells: pd.DataFrame, published: pd.DataFrame, config: dict) 
         table = pd.DataFrame(rows, columns=["group", "model", "method", "source", "sparsity", *tasks, "Mean"]).fillna("")
         if (table["source"] == "measured").all():
             table = table.drop(columns="source")
-        title = "dense" if column == "dense" else _column_title(column, config, None)
+        title = "dense" if column == "dense" else column_title(column, config, None)
         tables.append((f"Zero-shot accuracy (%), {title}", table))
     return tables
 
