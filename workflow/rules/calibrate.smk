@@ -16,5 +16,5 @@ rule calibrate:
     conda:
         "../../environment.yml"
     shell:
-        "wanda-core calibrate --model {input.model} --data {input.data} --nsamples {params.nsamples}"
-        " --seqlen {params.seqlen} --seed {params.seed} --out {output} > {log} 2>&1"
+        "wanda-core --log {log} calibrate --model {input.model} --data {input.data} --nsamples {params.nsamples}"
+        " --seqlen {params.seqlen} --seed {params.seed} --out {output}"

@@ -2,6 +2,8 @@ import json
 import os
 import sys
 
+import jsonschema
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from wanda_core import grid
@@ -12,9 +14,17 @@ try:
         grid.check_duplicate_keys(path)
 except WandaError as e:
     raise ValueError(str(e)) from None
-validate(config, "../schemas/config.schema.yaml")
 try:
-    grid.check_config(config)
+    validate(config, "../schemas/config.schema.yaml")
+except WorkflowError as e:
+    # Snakemake's message dumps the whole schema; say which key, what was given and what is accepted.
+    cause = e.__cause__ or e.__context__  # validate() raises it while handling jsonschema's error
+    if not isinstance(cause, jsonschema.ValidationError):
+        raise
+    raise ValueError(grid.schema_error(cause)) from None
+try:
+    # Data files are checked where the workflow starts, not in jobs that re-read it (SLURM).
+    grid.check_config(config, files=workflow.is_main_process)
     if workflow.is_main_process:  # a job (SLURM, containers) re-reads the workflow; its command checks its task
         grid.check_tasks(config, workflow.basedir)
 except WandaError as e:
