@@ -16,7 +16,10 @@ and the load average (/proc/loadavg) before and after every run.
 
     python bench/bench_threads.py [--jobs wanda:2:4,sparsegpt:2:4] [--settings threads1,threads2,auto]
                                   [--busy 0,1] [--reps 3]
-    python bench/bench_threads.py --demo [--busy 0,1]   # the whole demo (`snakemake --cores N`), wall time
+    python bench/bench_threads.py --demo [--busy 0,1] [--demo-settings config,all-cores]
+        # the whole demo (`snakemake --cores N` in a fresh folder): wall time, and CPU time of all its jobs;
+        # `config`: as config/config.yaml gives threads (SmolLM2: one per job, jobs side by side),
+        # `all-cores`: every prune and perplexity job gets all cores (one at a time)
 
 `--jobs demo` runs all seven prune jobs of config/config.yaml. Writes bench/results/threads_cpu.json
 (`--demo`: threads_demo_cpu.json). On a quiet machine: `--reps 3` (about 20 min for the default jobs).
@@ -24,6 +27,7 @@ and the load average (/proc/loadavg) before and after every run.
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -39,9 +43,20 @@ SETTINGS = {
     "threads2-passive": (["--threads", "2"], {"OMP_WAIT_POLICY": "PASSIVE"}),
     "auto": ([], {}),
 }
+# --demo: how the workflow gives threads to the jobs (CORES = --cores).
+DEMO_SETTINGS = {
+    "config": [],  # as config/config.yaml says: SmolLM2 jobs of one thread each, side by side
+    "all-cores": ["--set-threads", "prune=CORES", "perplexity=CORES"],  # one job at a time with every core
+}
 DEMO_JOBS = ["magnitude:unstructured", "magnitude:2:4", "wanda:unstructured", "wanda:2:4", "sparsegpt:unstructured",
              "sparsegpt:2:4", "three_tier:unstructured"]
 BUSY = "import torch\ntorch.set_num_threads(1)\na = torch.randn(1024, 1024)\nwhile True:\n    a @ a\n"
+
+
+def children_cpu() -> float:
+    """User + system CPU seconds of every finished child process so far (and their waited-for children)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def loadavg_line() -> str:
@@ -80,7 +95,7 @@ def prune_once(model, calib, job, setting, tmp: Path) -> dict:
     method, pattern = job.split(":", 1)
     flags, env = SETTINGS[setting]
     report = tmp / "report.json"
-    load = loadavg_line()
+    load, cpu = loadavg_line(), children_cpu()
     t0 = time.perf_counter()
     proc = wanda_core([*flags, "prune", "--model", model, "--method", method, "--pattern", pattern,
                        "--calibration", calib, "--dtype", "float32", "--device", "cpu", "--batch-size", 8,
@@ -89,7 +104,8 @@ def prune_once(model, calib, job, setting, tmp: Path) -> dict:
     if proc.returncode:
         raise SystemExit(f"{job} under {setting} failed:\n{proc.stderr[-3000:]}")
     out = json.loads(report.read_text())
-    return {"wall_s": round(wall, 2), "prune_s": round(out["seconds"], 2), "device": out["device"],
+    return {"wall_s": round(wall, 2), "prune_s": round(out["seconds"], 2), "cpu_s": round(children_cpu() - cpu, 1),
+            "device": out["device"],
             "loadavg_before": load, "loadavg_after": loadavg_line()}
 
 
@@ -124,29 +140,34 @@ def bench_jobs(args) -> dict:
 
 
 def bench_demo(args) -> dict:
-    """The whole demo workflow (config/config.yaml) in a fresh directory, per busy condition: wall seconds."""
+    """The whole demo workflow (config/config.yaml) in a fresh directory, per busy condition and workflow
+    setting: wall seconds, and CPU seconds of Snakemake and its jobs."""
     runs = []
     for rep in range(args.reps):
         for busy in args.busy:
-            with tempfile.TemporaryDirectory(prefix="bench_threads_demo_") as tmp:
-                procs = start_busy(busy)
-                load = loadavg_line()
-                t0 = time.perf_counter()
-                try:
-                    proc = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(common.ROOT / "Snakefile"),
-                                           "--directory", tmp, "--cores", str(args.cores)],
-                                          cwd=common.ROOT, capture_output=True, text=True)
-                finally:
-                    stop_busy(procs)
-                wall = time.perf_counter() - t0
-                if proc.returncode:
-                    raise SystemExit(f"the demo failed:\n{proc.stderr[-4000:]}")
-                row = {"rep": rep, "busy": busy, "cores": args.cores, "wall_s": round(wall, 1),
-                       "loadavg_before": load, "loadavg_after": loadavg_line()}
-                runs.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
-    summary = [{"busy": b, "median_wall_s": round(statistics.median(r["wall_s"] for r in runs if r["busy"] == b), 1)}
-               for b in args.busy]
+            for setting in args.demo_settings:
+                with tempfile.TemporaryDirectory(prefix="bench_threads_demo_") as tmp:
+                    procs = start_busy(busy)
+                    load, cpu = loadavg_line(), children_cpu()
+                    t0 = time.perf_counter()
+                    try:
+                        proc = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(common.ROOT / "Snakefile"),
+                                               "--directory", tmp, "--cores", str(args.cores),
+                                               *[a.replace("CORES", str(args.cores)) for a in DEMO_SETTINGS[setting]]],
+                                              cwd=common.ROOT, capture_output=True, text=True)
+                        wall, cpu = time.perf_counter() - t0, children_cpu() - cpu  # before the busy ones are reaped
+                    finally:
+                        stop_busy(procs)
+                    if proc.returncode:
+                        raise SystemExit(f"the demo failed:\n{proc.stderr[-4000:]}")
+                    row = {"rep": rep, "busy": busy, "setting": setting, "cores": args.cores, "wall_s": round(wall, 1),
+                           "cpu_s": round(cpu, 1), "loadavg_before": load, "loadavg_after": loadavg_line()}
+                    runs.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+    summary = [{"busy": b, "setting": st,
+                "median_wall_s": round(statistics.median(r["wall_s"] for r in runs if (r["busy"], r["setting"]) == (b, st)), 1),
+                "median_cpu_s": round(statistics.median(r["cpu_s"] for r in runs if (r["busy"], r["setting"]) == (b, st)), 1)}
+               for b in args.busy for st in args.demo_settings]
     return {"summary": summary, "runs": runs}
 
 
@@ -160,6 +181,8 @@ def main():
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--demo", action="store_true", help="time the whole demo workflow instead of single prune jobs")
     p.add_argument("--cores", type=int, default=os.cpu_count(), help="--demo: snakemake --cores")
+    p.add_argument("--demo-settings", default="config,all-cores", type=lambda s: s.split(","),
+                   help=f"--demo: comma-separated, of {', '.join(DEMO_SETTINGS)}")
     p.add_argument("--smollm2", default=common.SMOLLM2)
     p.add_argument("--name", help="result file name (default threads_cpu or threads_demo_cpu)")
     args = p.parse_args()

@@ -199,6 +199,11 @@ def test_end_to_end_results(e2e):
     assert {"layer", "block", "rows", "cols", "sparsity", "seconds", "tokens", "peak_memory_bytes"} <= set(layers.columns)
     assert len(layers) == 30 * 7 and (layers["sparsity"] == 0.5).all()
     assert "Tiny-LLaMA" in proc.stdout  # the tables are printed at the end
+    # The terminal follows the long jobs block by block; each job's whole log is in logs/.
+    assert "resources/models/smollm2-135m wanda 2:4: pruned block 30/30 (" in proc.stderr, proc.stderr[-3000:]
+    assert re.search(r"smollm2-135m: perplexity \d+\.\d+ on resources/data/wikitext2.jsonl", proc.stderr)
+    log = (workdir / "logs" / "prune" / "smollm2-135m" / "wanda" / "2-4.log").read_text()
+    assert "loading model" in log and "pruned block 30/30" in log and "torch threads" in log
 
 
 def test_noop_rerun_does_nothing(e2e):

@@ -287,21 +287,28 @@ def free_cores(interval: float = 0.3) -> tuple[int, int]:
 
 
 def set_threads(exact: int, at_most: int) -> None:
-    """torch's CPU threads: `exact` when given, else the cores idle now (at most `at_most` when given).
+    """torch's CPU threads: `exact` when given (with torch's defaults), else as many as cores are idle now
+    (at most `at_most` when given), and threads that sleep rather than spin while they wait.
 
-    A pool larger than the idle cores stalls: each parallel op waits at a barrier for the thread whose
-    core another process holds (bench/bench_threads.py: Wanda 2:4 of SmolLM2 3-4x slower on 2 threads
-    than on 1 with one core busy).
+    A pool larger than the idle cores stalls: each parallel op waits at a barrier for the thread whose core
+    another process holds, and the waiting threads spin, burning the time the others need. On 2 cores under
+    load, Wanda 2:4 of SmolLM2 took 2.4-2.6x longer on 2 threads than on 1, and 0.8-0.95x with
+    OMP_WAIT_POLICY=PASSIVE (bench/bench_threads.py). The policy is read when torch loads OpenMP: set it first.
     """
-    import torch
-
     if exact:
+        import torch
+
         torch.set_num_threads(exact)
         return
     idle, usable = free_cores()
     threads = min(idle, at_most) if at_most else idle
+    if threads > 1:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # a core taken later then costs a share, not a stall
+    import torch
+
     torch.set_num_threads(threads)
-    log.info("torch threads: %d (%d of %d cores idle%s)", threads, idle, usable, f", at most {at_most}" if at_most else "")
+    log.info("torch threads: %d (%d of %d cores idle%s; OMP_WAIT_POLICY=%s)", threads, idle, usable,
+             f", at most {at_most}" if at_most else "", os.environ.get("OMP_WAIT_POLICY", "torch's default"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--gpus", type=int, default=0, help="claim this many free GPUs (lock files) before starting")
     p.add_argument("--threads", type=int, default=0,
-                   help="exactly this many CPU threads for torch (default: as many as cores are idle at the start)")
+                   help="exactly this many CPU threads for torch, with torch's defaults (default: as many as cores are "
+                        "idle at the start, waiting threads sleeping: OMP_WAIT_POLICY=PASSIVE)")
     p.add_argument("--log", metavar="FILE", help="write the whole log (and any other output) to FILE; "
                    "the terminal then shows only one line per pruned block and per result, and errors")
     p.add_argument("--max-threads", type=int, default=0,

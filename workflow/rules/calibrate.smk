@@ -16,5 +16,5 @@ rule calibrate:
     conda:
         "../../environment.yml"
     shell:
-        "wanda-core --log {log} calibrate --model {input.model} --data {input.data} --nsamples {params.nsamples}"
+        "wanda-core --max-threads {threads} --log {log} calibrate --model {input.model} --data {input.data} --nsamples {params.nsamples}"
         " --seqlen {params.seqlen} --seed {params.seed} --out {output}"

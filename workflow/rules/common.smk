@@ -79,8 +79,10 @@ def gpus(wildcards):
 
 
 def threads_for(wildcards):
-    # CPU-only models use every core; GPU jobs need a few for data handling.
-    return 4 if gpus(wildcards) else workflow.cores
+    # The model's `threads`, else every core for a CPU model (one job at a time: memory) and a few for a GPU
+    # job's data handling. The rules pass it as --max-threads: a job started while cores are busy takes
+    # fewer, as a torch pool larger than the idle cores stalls at every op (bench/bench_threads.py).
+    return model_spec(wildcards)["threads"] or (4 if gpus(wildcards) else workflow.cores)
 
 
 def prune_inputs(wildcards):
