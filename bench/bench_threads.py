@@ -152,7 +152,8 @@ def bench_demo(args) -> dict:
                     t0 = time.perf_counter()
                     try:
                         proc = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(common.ROOT / "Snakefile"),
-                                               "--directory", tmp, "--cores", str(args.cores),
+                                               "--directory", tmp, "--configfile", str(common.ROOT / "config" / "config.yaml"),
+                                               "--cores", str(args.cores),
                                                *[a.replace("CORES", str(args.cores)) for a in DEMO_SETTINGS[setting]]],
                                               cwd=common.ROOT, capture_output=True, text=True)
                         wall, cpu = time.perf_counter() - t0, children_cpu() - cpu  # before the busy ones are reaped
