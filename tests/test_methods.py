@@ -69,3 +69,19 @@ def test_stats_accumulate_in_float32():
     s.add(torch.ones(3, 4, dtype=torch.bfloat16), "sqnorm")
     s.add(torch.ones(2, 4, dtype=torch.bfloat16) * 2, "sqnorm")
     assert s.sqnorm.dtype == torch.float32 and s.count == 5 and s.sqnorm.tolist() == [11.0] * 4
+
+
+def test_sparsegpt_is_the_same_on_any_number_of_threads():
+    """LAPACK's Cholesky rounds differently with more threads; SparseGPT factors on one, so its result
+    does not depend on torch's thread count (nor do the tables)."""
+    x, w = _layer(tokens=1024, d=768, out=32)
+    stats = Stats()
+    stats.add(x, "hessian")
+    saved, results = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(sparsegpt.prune_matrix(w.clone(), stats, parse_pattern("2:4")))
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(results[0].keep, results[1].keep) and torch.equal(results[0].weight, results[1].weight)

@@ -1,8 +1,11 @@
 """profiles/slurm against a real (single-node) Slurm: compute jobs go through sbatch, local rules do not.
 
 The cluster (tests/slurm_cluster.py) is Debian's Slurm 22.05 on this machine, started as root, with two
-fake GPUs. Outside CI a machine that cannot host it (not root, no apt, a foreign /etc/slurm) skips these
-tests; in CI (CI=true) that fails them.
+fake GPUs: it installs munge and Slurm with apt-get when missing, writes /etc/slurm/{slurm,gres}.conf
+(removed after), state under /var/lib/slurm/wanda-test and logs under /var/log/slurm, and starts munged,
+slurmctld and slurmd (stopped after, by PID). So it runs only when asked: `pytest --slurm` or
+WANDA_TEST_SLURM=1, and always in CI (CI=true). A machine that cannot host it (not root, no apt, a
+foreign /etc/slurm) then skips these tests outside CI; in CI that fails them.
 """
 import importlib.util
 import json
@@ -37,6 +40,7 @@ OVERRIDES = [
     "--set-resources", "calibrate:mem_mb=1000",
 ]
 TIMEOUT = 420
+pytestmark = pytest.mark.slurm  # opt-in outside CI (tests/conftest.py)
 
 
 def unavailable(reason: str):

@@ -112,12 +112,17 @@ def base_config(tiny_sources, **extra):
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda c: c["calibration"].update(nsamples="many"), "nsamples"),
-    (lambda c: c["methods"].update(x={"method": "lottery"}), "methods.x: unknown method 'lottery'"),
-    (lambda c: c.update(patterns=["3-3"]), "0 < N < M"),
+    (lambda c: c["calibration"].update(nsamples="many"), "config calibration.nsamples: 'many' is not an integer"),
+    (lambda c: c["methods"].update(x={"method": "lottery"}), "config methods.x: unknown method 'lottery'"),
+    (lambda c: c.update(patterns=["3-3"]), "config patterns: N:M pattern needs 0 < N < M, got '3:3'"),
+    (lambda c: c.update(patterns=["2:4"]), "config patterns[0]: '2:4' is not accepted: use unstructured-<sparsity"),
+    (lambda c: c.update(patterns=["unstructured-0.5", "unstructured-1.5"]), "config patterns[1]: 'unstructured-1.5' is not accepted"),
+    (lambda c: c["methods"]["magnitude"].update(patterns=["2:4"]), "config methods.magnitude.patterns: unknown pattern label '2:4'"),
     (lambda c: c["methods"].update(t={"method": "three_tier", "params": {"dense": 0.5}}), "must sum to 1"),
     (lambda c: c["evals"]["perplexity"].update(datasets=["c4"]), "evals.perplexity.datasets: 'c4' is not in datasets"),
-    (lambda c: c["models"]["tiny-llama"].update(gpus=-1), "gpus"),
+    (lambda c: c["models"]["tiny-llama"].update(gpus=-1), "config models.tiny-llama.gpus: -1 is below the minimum 0"),
+    (lambda c: c["models"]["tiny-llama"].update(gpu=1), "config models.tiny-llama: unknown key 'gpu' (accepted: source, dtype,"),
+    (lambda c: c["datasets"].update(eval={"path": "no/such/test.txt"}), "config datasets.eval.path: data file not found: no/such/test.txt"),
     (lambda c: c["evals"].update(zeroshot={"tasks": ["no_such_task"]}), "unknown zero-shot task 'no_such_task'"),
 ])
 def test_bad_config_stops_before_any_job(tmp_path, tiny_sources, change, message):
@@ -125,8 +130,26 @@ def test_bad_config_stops_before_any_job(tmp_path, tiny_sources, change, message
     change(config)
     proc = smk(tmp_path, config)
     assert proc.returncode != 0
-    assert message in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert message in out, out
+    assert "Failed validating" not in out and "Traceback" not in out, out  # one line, not jsonschema's dump
     assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
+
+
+def test_missing_data_file_stops_before_old_outputs_are_touched(tmp_path, tiny_sources):
+    """A data file renamed in the config: Snakemake would rerun prepare_dataset (its params changed) and delete
+    the output it has; the check at parse time stops first."""
+    config = base_config(tiny_sources)
+    text = tmp_path / "eval.txt"
+    text.write_text("some text\n" * 200)
+    config["datasets"]["eval"] = {"path": str(text)}
+    assert smk(tmp_path, config, "--until", "prepare_dataset").returncode == 0
+    prepared = tmp_path / "resources" / "data" / "eval.jsonl"
+    before = prepared.read_bytes()
+    config["datasets"]["eval"] = {"path": str(tmp_path / "renamed.txt")}
+    proc = smk(tmp_path, config)
+    assert proc.returncode != 0 and f"config datasets.eval.path: data file not found: {tmp_path / 'renamed.txt'}" in proc.stderr
+    assert prepared.read_bytes() == before and not (tmp_path / "results").exists()
 
 
 def test_duplicate_model_names_and_labels_stop_before_any_job(tmp_path, tiny_sources):
@@ -214,7 +237,11 @@ def test_end_to_end_results(e2e):
     assert (results / "logs" / "prune" / "smollm2-135m" / "wanda" / "2-4" / "seed0.log").is_file()
     assert not (workdir / "logs").exists()  # every log is under results/logs
     assert "Tiny-LLaMA" in proc.stdout  # the tables are printed at the end
-    assert "No results" not in proc.stdout
+    # The terminal follows the long jobs block by block; each job's whole log is in results/logs/.
+    assert "resources/models/smollm2-135m wanda 2:4: pruned block 30/30 (" in proc.stderr, proc.stderr[-3000:]
+    assert re.search(r"smollm2-135m: perplexity \d+\.\d+ on resources/data/wikitext2.jsonl", proc.stderr)
+    log = (workdir / "results" / "logs" / "prune" / "smollm2-135m" / "wanda" / "2-4" / "seed0.log").read_text()
+    assert "loading model" in log and "pruned block 30/30" in log and "torch threads" in log
 
 
 def test_report_after_a_run(e2e):

@@ -1,4 +1,4 @@
-"""Command line: the stages the workflow calls (calibrate, prune, eval-ppl, sparsity, materialize).
+"""Command line: the stages the workflow calls, one command each.
 
 Every output is written under a temporary name and renamed when complete; bad input ends with
 one 'error:' line and exit status 2.
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -16,7 +17,9 @@ from pathlib import Path
 from .errors import WandaError, first_line
 
 log = logging.getLogger("wanda_core")
+progress_log = logging.getLogger("wanda_core.progress")  # lines that --log also shows on the terminal
 _STARTED = time.time()
+SPARSITY = 0.5  # prune --sparsity when not given (unstructured patterns; N:M fix their own)
 
 
 def _param_value(text: str):
@@ -50,8 +53,6 @@ def provenance() -> dict:
     import transformers
 
     from . import __version__
-
-    import os
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
     return {"wanda_core": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
@@ -110,14 +111,22 @@ def cmd_prune(a) -> None:
     from .methods import check_params, get_method, needs_calibration
 
     method = get_method(a.method)
+    if ":" in a.pattern and a.sparsity is not None:
+        implied, given = parse_pattern(a.pattern).sparsity, _sparsity(a.sparsity)
+        if isinstance(given, list) or abs(given - implied) > 1e-9:  # an explicit --sparsity the pattern would override
+            raise WandaError(f"--sparsity {a.sparsity} contradicts --pattern {a.pattern}: an N:M pattern fixes the "
+                             f"sparsity at 1 - N/M = {implied:g}; leave --sparsity out")
     if a.sparsity_from:
         a.sparsity = str(sparsity_from(a.sparsity_from, a.pattern))
-    sparsity = _sparsity(a.sparsity)
+    sparsity = SPARSITY if a.sparsity is None else _sparsity(a.sparsity)
     if a.pipeline not in engine.PIPELINES:
         raise WandaError(f"unknown pipeline {a.pipeline!r}: choose one of {', '.join(engine.PIPELINES)}")
     pattern = parse_pattern(a.pattern, None if ":" in a.pattern else sum(sparsity) / len(sparsity) if isinstance(sparsity, list) else sparsity)
     check_params(method, pattern, params)
     calibrated = needs_calibration(method, params)
+    if calibrated and not a.calibration:
+        raise WandaError(f"method {a.method!r} needs calibration windows: make them with `wanda-core calibrate --model "
+                         f"{a.model} --data TEXT_FILE --out calib.safetensors`, then add --calibration calib.safetensors")
     windows, calib_meta = data.load_windows(a.calibration, with_metadata=True) if calibrated else (None, {})
     m, tokenizer = model.load_model(a.model, a.dtype, a.weights_device, a.trust_remote_code, a.blocks)
     calibration = check_calibration(a.calibration, windows, calib_meta, m, tokenizer) if calibrated else None
@@ -134,7 +143,8 @@ def cmd_prune(a) -> None:
         io.write_table(rows, a.stats)
     if a.report:
         io.write_json({**meta, "sparsity_from": a.sparsity_from, **provenance()}, a.report)
-    log.info("%s %s: sparsity %.4f in %.1f s -> %s", a.method, report["pattern"], report["sparsity"], report["seconds"], a.out)
+    progress_log.info("%s %s %s: sparsity %.4f in %.1f s -> %s", a.model, a.method, report["pattern"], report["sparsity"],
+                      report["seconds"], a.out)
 
 
 def cmd_eval_ppl(a) -> None:
@@ -157,6 +167,7 @@ def cmd_eval_ppl(a) -> None:
               "perplexity": ppl, "status": status, "seconds": time.perf_counter() - t0, **provenance()}
     if a.out:
         (io.write_table([result], a.out) if a.out.endswith((".parquet", ".csv")) else io.write_json(result, a.out))
+    progress_log.info("%s: perplexity %.3f on %s%s", a.pruned or a.model, ppl, a.data, f" -> {a.out}" if a.out else "")
     print(json.dumps({"perplexity": ppl}))
 
 
@@ -173,7 +184,10 @@ def cmd_eval_zeroshot(a) -> None:
     rows = [{**r, **extra} for r in rows]
     if a.out:
         io.write_table(rows, a.out)
-    print(json.dumps({f"{r['task']}/{r['metric']}": r["value"] for r in rows}))
+    scores = {f"{r['task']}/{r['metric']}": r["value"] for r in rows}
+    progress_log.info("%s: %s%s", a.pruned or a.model, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()),
+                      f" -> {a.out}" if a.out else "")
+    print(json.dumps(scores))
 
 
 def cmd_export(a) -> None:
@@ -267,12 +281,102 @@ def _raw_config(base: str, source) -> dict:
         raise WandaError(f"config of model {source} is not JSON: {first_line(e)}") from None
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default when it has one (not for required options, flags or None); keeps epilogs as written."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
+
+def _methods_help() -> str:
+    """One line per registered method: whether it needs calibration windows, and its options' defaults."""
+    from .methods import METHODS
+
+    lines = ["methods (--method; options as --param KEY=VALUE):"]
+    for name, m in sorted(METHODS.items()):
+        needs = "needs --calibration" if m.STATS else "no calibration"
+        options = ", ".join(f"{k}={v}" for k, v in m.PARAMS.items()) or "no options"
+        lines.append(f"  {name:<11} {needs}; patterns {'/'.join(m.PATTERNS)}; {options}")
+    return "\n".join(lines)
+
+
+def free_cores(interval: float = 0.3) -> tuple[int, int]:
+    """(idle cores, cores this process may use): /proc/stat sampled over `interval` seconds.
+
+    A core counts as idle when at least 75% of it was. Without /proc/stat every usable core counts.
+    """
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+    def sample() -> dict:
+        times = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("cpu") and line[3].isdigit():
+                    name, *fields = line.split()
+                    ticks = [int(x) for x in fields[:8]]
+                    times[int(name[3:])] = (ticks[3] + ticks[4], sum(ticks))  # (idle + iowait, total)
+        return times
+
+    try:
+        before = sample()
+        time.sleep(interval)
+        after = sample()
+    except (OSError, ValueError, IndexError):
+        return len(cpus), len(cpus)
+    idle = 0.0
+    for c in cpus:
+        if c in before and c in after:
+            total = after[c][1] - before[c][1]
+            idle += (after[c][0] - before[c][0]) / total if total > 0 else 1.0
+    return max(1, min(len(cpus), int(idle + 0.25))), len(cpus)
+
+
+def set_threads(exact: int, at_most: int) -> None:
+    """torch's CPU threads: `exact` when given (with torch's defaults), else as many as cores are idle now
+    (at most `at_most` when given), and threads that sleep rather than spin while they wait.
+
+    A pool larger than the idle cores stalls: each parallel op waits at a barrier for the thread whose core
+    another process holds, and the waiting threads spin, burning the time the others need. On 2 cores under
+    load, Wanda 2:4 of SmolLM2 took 2.4-2.6x longer on 2 threads than on 1, and 0.8-0.95x with
+    OMP_WAIT_POLICY=PASSIVE (bench/bench_threads.py). The policy is read when torch loads OpenMP: set it first.
+    """
+    if exact:
+        import torch
+
+        torch.set_num_threads(exact)
+        return
+    idle, usable = free_cores()
+    threads = min(idle, at_most) if at_most else idle
+    if threads > 1:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # a core taken later then costs a share, not a stall
+    import torch
+
+    torch.set_num_threads(threads)
+    log.info("torch threads: %d (%d of %d cores idle%s; OMP_WAIT_POLICY=%s)", threads, idle, usable,
+             f", at most {at_most}" if at_most else "", os.environ.get("OMP_WAIT_POLICY", "torch's default"))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wanda-core", description=__doc__.splitlines()[0])
+    p = _Parser(prog="wanda-core", description=__doc__.splitlines()[0],
+                epilog="wanda-core COMMAND --help lists that command's options.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--gpus", type=int, default=0, help="claim this many free GPUs (lock files) before starting")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's own)")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--threads", type=int, default=0,
+                   help="exactly this many CPU threads for torch, with torch's defaults (default: as many as cores are "
+                        "idle at the start, waiting threads sleeping: OMP_WAIT_POLICY=PASSIVE)")
+    p.add_argument("--log", metavar="FILE", help="write the whole log (and any other output) to FILE; "
+                   "the terminal then shows only one line per pruned block and per result, and errors")
+    p.add_argument("--max-threads", type=int, default=0,
+                   help="without --threads: as many threads as cores are idle at the start, but at most this many")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def loading_args(s, blocks=True):
         s.add_argument("--trust-remote-code", action="store_true",
@@ -292,30 +396,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="model source (only its tokenizer is loaded)")
     loading_args(s, blocks=False)
     s.add_argument("--data", required=True, help="text corpus: .txt, .jsonl or .parquet")
-    s.add_argument("--nsamples", type=int, default=128)
-    s.add_argument("--seqlen", type=int, default=2048)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--nsamples", type=int, default=128, help="number of windows")
+    s.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
+    s.add_argument("--seed", type=int, default=0, help="seed of the window positions")
     s.add_argument("--sampler", default="stream",
-                   help="stream (default): seeded torch starts over the records joined by blank lines; stream_python_random:"
+                   help="stream: seeded torch starts over the records joined by blank lines; stream_python_random:"
                         " the Wanda code's WikiText-2 draw (records joined by spaces); c4_documents: its C4 draw"
                         " (a random document, then a random window inside it)")
     s.add_argument("--out", required=True, help="output .safetensors (key input_ids)")
     s.set_defaults(func=cmd_calibrate)
 
-    s = sub.add_parser("prune", help="prune a model and save its pruned weights")
+    s = sub.add_parser("prune", help="prune a model and save its pruned weights", epilog=_methods_help())
     model_args(s, "where blocks are computed (default: cuda if available)")
     s.add_argument("--weights-device", default="cpu", help="where the model's weights live between blocks")
-    s.add_argument("--method", required=True)
+    s.add_argument("--method", required=True, help="pruning method (see the list below)")
     s.add_argument("--pattern", default="unstructured", help="unstructured or N:M such as 2:4")
-    s.add_argument("--sparsity", default="0.5", help="fraction pruned (unstructured), or one per decoder block: 0.4,0.5,...")
+    s.add_argument("--sparsity", default=None,
+                   help=f"fraction of weights to prune, unstructured only (default: {SPARSITY}), or one per decoder block: "
+                        "0.4,0.5,...; N:M fixes it at 1 - N/M")
     s.add_argument("--pipeline", default="sequential", help="sequential (the papers': dense pass for statistics, pruned "
                    "pass for the next inputs), one_pass (each block runs once) or independent (statistics of the dense model)")
     s.add_argument("--compute-dtype", default=None, help="run block forwards in this dtype (bfloat16 on AMX CPUs), "
                    "statistics stay float32; auto: bfloat16 where the hardware has it")
     s.add_argument("--sparsity-from", metavar="REPORT", help="prune at the sparsity measured in this prune --report (.json)")
     s.add_argument("--param", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
-    s.add_argument("--calibration", help="calibration windows from 'calibrate'")
-    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--calibration", help="calibration windows from 'wanda-core calibrate' (methods that need them)")
+    s.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
     s.add_argument("--out", required=True, help="pruned weights (.safetensors: bit-packed masks + kept values)")
     s.add_argument("--stats", help="per-layer statistics (.parquet or .csv)")
     s.add_argument("--report", help="summary (.json)")
@@ -372,9 +478,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def log_to(path: str):
+    """Everything this process writes (its log, warnings, other libraries' output, tracebacks) goes to the
+    file `path`; the terminal keeps only the progress lines (logger wanda_core.progress: one per pruned
+    block and one per result) and the error line. Returns the terminal's stream."""
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    terminal = os.fdopen(os.dup(2), "w", buffering=1)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)  # file descriptors, not sys.stdout: C libraries and child processes follow too
+    os.dup2(fd, 2)
+    os.close(fd)
+    handler = logging.StreamHandler(terminal)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    progress_log.addHandler(handler)
+    return terminal
+
+
 def main(argv=None) -> int:
     global _STARTED
     args = build_parser().parse_args(argv)
+    terminal = log_to(args.log) if args.log else None
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
@@ -383,13 +510,12 @@ def main(argv=None) -> int:
 
             claim(args.gpus)  # before anything touches CUDA
         _STARTED = time.time()  # after waiting for devices: the job's own span
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
+        set_threads(args.threads, args.max_threads)
         args.func(args)
     except WandaError as e:
         print(f"error: {e}", file=sys.stderr)
+        if terminal:
+            print(f"error: {e} (log: {args.log})", file=terminal)
         return 2
     return 0
 

@@ -31,6 +31,7 @@ from .methods import Stats, check_params, get_method, stats_kinds
 from .model import DTYPES, Target, block_arguments, find_blocks, find_targets, max_positions, resolve_device
 
 log = logging.getLogger("wanda_core")
+progress_log = logging.getLogger("wanda_core.progress")  # one line per block: where a long job is
 
 
 class _StopForward(Exception):
@@ -351,9 +352,10 @@ def prune(
                     inputs.advance(block, compute)
             layers += [rows[t.name] for t in targets]
             evict_block(block, home)
-            # Without a progress bar (workflow logs), one line per block says where the job is.
-            (log.debug if progress else log.info)("%s %s %s: pruned block %d/%d (%.1f s)", model_name, m.NAME, pat,
-                                                   i + 1, len(blocks), time.perf_counter() - t0)
+            # Without a progress bar (workflow jobs), one line per block says where the job is; the CLI's
+            # --log shows these lines (logger wanda_core.progress) on the terminal too.
+            (progress_log.debug if progress else progress_log.info)(
+                "%s %s %s: pruned block %d/%d (%.1f s)", model_name, m.NAME, pat, i + 1, len(blocks), time.perf_counter() - t0)
     if kinds and compute != home:
         _move_outside_blocks(model, blocks, home)
     pruned = sum(r["sparsity"] * r["rows"] * r["cols"] for r in layers)

@@ -96,9 +96,23 @@ def match_report(config: dict, run: "Run") -> str:
     return f"results/pruned/{run.model}/{source}/none/{seed}.json"
 
 
-def check_config(config: dict) -> None:
-    """What the JSON schema cannot say: known methods and options, valid patterns, known data sets."""
+def _parse_label(label: str):
+    pattern, sparsity = pattern_args(label)
+    return parse_pattern(pattern, None if ":" in pattern else sparsity)
+
+
+def check_config(config: dict, files: bool = True) -> None:
+    """What the JSON schema cannot say: valid patterns, known methods and options, known data sets,
+    and (files=True: on the machine that runs the workflow) that the data files named by `path:` exist."""
     datasets = config.get("datasets", {})
+    # Patterns first, under the key that holds them: a bad global pattern is no one method's fault.
+    for where, labels in [("patterns", config.get("patterns") or [])] + [
+            (f"methods.{name}.patterns", spec["patterns"]) for name, spec in config["methods"].items() if spec.get("patterns")]:
+        for label in labels:
+            try:
+                _parse_label(label)
+            except WandaError as e:
+                raise WandaError(f"config {where}: {e}") from None
     for name, spec in config["methods"].items():
         try:
             method = get_method(spec["method"])
@@ -118,6 +132,13 @@ def check_config(config: dict) -> None:
     for ds in config["evals"]["perplexity"]["datasets"]:
         if ds not in datasets:
             raise WandaError(f"config evals.perplexity.datasets: {ds!r} is not in datasets ({', '.join(datasets) or 'none'})")
+    if files:
+        from pathlib import Path
+
+        for ds in dict.fromkeys([calib, *config["evals"]["perplexity"]["datasets"]]):
+            path = datasets[ds].get("path")
+            if path and not Path(path).is_file():
+                raise WandaError(f"config datasets.{ds}.path: data file not found: {path}")
 
 
 def check_matched(config: dict, name: str) -> None:
@@ -206,3 +227,33 @@ def calibration_id(config: dict, seed: int) -> str:
     """The calibration file's name: every setting that changes the windows, so changing one re-calibrates."""
     c = config["calibration"]
     return f"{c['dataset']}_{c.get('sampler', 'stream')}_n{c['nsamples']}_len{c['seqlen']}_seed{seed}"
+
+
+def schema_error(error) -> str:
+    """A jsonschema ValidationError of the config as one line: which key, what was given, what is accepted."""
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
+    where = f"config {path}" if path else "config"
+    kind, value, given, schema = error.validator, error.validator_value, error.instance, error.schema
+    if kind == "additionalProperties":
+        accepted = list(schema.get("properties", {}))
+        unknown = [k for k in given if k not in accepted]
+        what = f"unknown key {unknown[0]!r}" + (f" (accepted: {', '.join(accepted)})" if accepted else "")
+    elif kind == "required":
+        what = f"missing key {next(k for k in value if k not in given)!r}"
+    elif kind == "type":
+        names = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
+                 "array": "a list", "object": "a mapping", "null": "null"}
+        what = f"{given!r} is not " + " or ".join(names.get(t, t) for t in ([value] if isinstance(value, str) else value))
+    elif kind == "enum":
+        what = f"{given!r} is not one of {', '.join(map(str, value))}"
+    elif kind == "pattern":
+        what = f"{given!r} is not accepted: use {schema.get('description') or 'the form ' + value}"
+    elif kind in ("minimum", "maximum"):
+        what = f"{given!r} is {'below the minimum' if kind == 'minimum' else 'above the maximum'} {value}"
+    elif kind in ("minItems", "minProperties"):
+        what = f"needs at least {value} entr{'y' if value == 1 else 'ies'}"
+    elif kind == "oneOf" and all(len(s.get("required", [])) == 1 for s in value):
+        what = f"give exactly one of {', '.join(s['required'][0] for s in value)}"
+    else:
+        what = error.message.splitlines()[0]
+    return f"{where}: {what}"

@@ -41,7 +41,8 @@ def prune_matrix(weight, stats, pattern, blocksize=128, percdamp=0.01) -> Matrix
         raise WandaError(f"input width {cols} is not divisible by M={pattern.m} for an N:M pattern")
     if pattern.kind == "nm" and blocksize % pattern.m:
         raise WandaError(f"SparseGPT blocksize {blocksize} must be a multiple of M={pattern.m}")
-    Hinv = inverse_hessian_factor(stats.hessian, stats.count, W, percdamp)
+    with _one_cpu_thread(W.device):  # LAPACK's Cholesky rounds differently with more threads: masks would follow
+        Hinv = inverse_hessian_factor(stats.hessian, stats.count, W, percdamp)
     pruned = torch.zeros_like(W, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -81,7 +82,9 @@ def _prune_columns(W1, Hinv1, d, mask1, Err1, pattern) -> None:
 @contextlib.contextmanager
 def _one_cpu_thread(device: torch.device):
     """The per-column updates are too small to split between CPU threads: every op would wait on a
-    barrier, 25x slower when another process shares the cores. The block-wide update keeps them all."""
+    barrier, 25x slower when another process shares the cores. The block-wide update keeps them all.
+    The Cholesky factorizations run on one thread too: their rounding depends on the thread count
+    (SmolLM2's SparseGPT 2:4 masks differed between 1 and 2 threads), on one thread it does not."""
     if device.type != "cpu" or torch.get_num_threads() == 1:
         yield
         return

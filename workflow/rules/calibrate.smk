@@ -18,5 +18,5 @@ rule calibrate:
     conda:
         "../../environment.yml"
     shell:
-        "wanda-core calibrate --model {input.model} {params.model} --data {input.data} --nsamples {params.nsamples}"
-        " --seqlen {params.seqlen} --seed {params.seed} --sampler {params.sampler} --out {output} > {log} 2>&1"
+        "wanda-core --max-threads {threads} --log {log} calibrate --model {input.model} {params.model} --data {input.data}"
+        " --nsamples {params.nsamples} --seqlen {params.seqlen} --seed {params.seed} --sampler {params.sampler} --out {output}"

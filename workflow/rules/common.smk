@@ -3,6 +3,8 @@ import json
 import os
 import sys
 
+import jsonschema
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from wanda_core import grid
@@ -13,9 +15,17 @@ try:
         grid.check_duplicate_keys(path)
 except WandaError as e:
     raise ValueError(str(e)) from None
-validate(config, "../schemas/config.schema.yaml")
 try:
-    grid.check_config(config)
+    validate(config, "../schemas/config.schema.yaml")
+except WorkflowError as e:
+    # Snakemake's message dumps the whole schema; say which key, what was given and what is accepted.
+    cause = e.__cause__ or e.__context__  # validate() raises it while handling jsonschema's error
+    if not isinstance(cause, jsonschema.ValidationError):
+        raise
+    raise ValueError(grid.schema_error(cause)) from None
+try:
+    # Data files are checked where the workflow starts, not in jobs that re-read it (SLURM).
+    grid.check_config(config, files=workflow.is_main_process)
     if workflow.is_main_process:  # a job (SLURM, containers) re-reads the workflow; its command checks its task
         grid.check_tasks(config, workflow.basedir)
 except WandaError as e:
@@ -74,8 +84,10 @@ def gpus(wildcards):
 
 
 def threads_for(wildcards):
-    # CPU-only models use every core; GPU jobs need a few for data handling.
-    return 4 if gpus(wildcards) else workflow.cores
+    # The model's `threads`, else every core for a CPU model (one job at a time: memory) and a few for a GPU
+    # job's data handling. The rules pass it as --max-threads: a job started while cores are busy takes
+    # fewer, as a torch pool larger than the idle cores stalls at every op (bench/bench_threads.py).
+    return model_spec(wildcards)["threads"] or (4 if gpus(wildcards) else workflow.cores)
 
 
 def run_of(wildcards):

@@ -28,9 +28,9 @@ rule perplexity:
     conda:
         "../../environment.yml"
     shell:
-        "wanda-core --gpus {resources.gpu} --threads {threads} eval-ppl --model {input.model} {params.model} {params.pruned}"
+        "wanda-core --gpus {resources.gpu} --max-threads {threads} --log {log} eval-ppl --model {input.model} {params.model} {params.pruned}"
         " --data {input.data} --seqlen {params.seqlen} {params.max_windows} --batch-size {params.batch_size}"
-        " --dtype {params.dtype} --device {params.device} --out {output} --quiet > {log} 2>&1"
+        " --dtype {params.dtype} --device {params.device} --out {output} --quiet"
 
 
 rule zeroshot:
@@ -63,6 +63,6 @@ rule zeroshot:
     conda:
         "../../environment.yml"
     shell:
-        "wanda-core --gpus {resources.gpu} --threads {threads} eval-zeroshot --model {input.model} {params.model} {params.pruned}"
+        "wanda-core --gpus {resources.gpu} --max-threads {threads} --log {log} eval-zeroshot --model {input.model} {params.model} {params.pruned}"
         " --task {wildcards.task} {params.include} {params.limit} --batch-size {params.batch_size} --seed {params.seed}"
-        " {params.cache} --dtype {params.dtype} --device {params.device} --out {output} --quiet > {log} 2>&1"
+        " {params.cache} --dtype {params.dtype} --device {params.device} --out {output} --quiet"

@@ -27,6 +27,6 @@ rule prune:
     conda:
         "../../environment.yml"
     shell:
-        "wanda-core --gpus {resources.gpu} --threads {threads} prune --model {input.model} {params.model} {params.args}"
+        "wanda-core --gpus {resources.gpu} --max-threads {threads} --log {log} prune --model {input.model} {params.model} {params.args}"
         " {params.calibration} --dtype {params.dtype} --device {params.device} --batch-size {params.batch_size}"
-        " --out {output.weights} --stats {output.layers} --report {output.report} --quiet > {log} 2>&1"
+        " --out {output.weights} --stats {output.layers} --report {output.report} --quiet"

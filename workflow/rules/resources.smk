@@ -12,7 +12,7 @@ rule materialize_model:
         "../../environment.yml"
     localrule: True
     shell:
-        "wanda-core materialize --model {params.source:q} --out {output} > {log} 2>&1"
+        "wanda-core --max-threads {threads} --log {log} materialize --model {params.source:q} --out {output}"
 
 
 rule prepare_dataset:
@@ -26,4 +26,4 @@ rule prepare_dataset:
         "../../environment.yml"
     localrule: True
     shell:
-        "wanda-core prepare-data --spec {params.spec:q} --out {output} > {log} 2>&1"
+        "wanda-core --max-threads {threads} --log {log} prepare-data --spec {params.spec:q} --out {output}"
