@@ -64,12 +64,17 @@ def long_table(ppl_files: list[str], report_files: list[str], config: dict, zero
         model, method, pattern = p.parts[-4], p.parts[-3], p.parts[-2]
         mspec, meth = config["models"][model], config["methods"][method]
         report = reports.get((model, method, pattern), {})
+        finetune = p.stem.partition("+")[2] or None  # <data set or task>+<recipe or schedule>: fine-tuned
+        sparsity = result.get("sparsity")  # measured on the evaluated weights (fine-tuned results)
+        if sparsity is None or sparsity != sparsity:
+            sparsity = report.get("sparsity", 0.0)
         return {
             "model": model, "label": mspec.get("label", model), "group": mspec["group"],
-            "method": method, "method_label": meth.get("label", method), "method_kind": meth["method"],
+            "method": method, "method_label": meth.get("label", method) + _finetune_suffix(config, finetune),
+            "method_kind": meth["method"], "finetune": finetune,
             "params": json.dumps({**report.get("params", {}), **meth.get("params", {})}, sort_keys=True),
             "pattern": pattern, "target_sparsity": _target_sparsity(meth["method"], pattern),
-            "sparsity": report.get("sparsity", 0.0), "dataset": dataset, "metric": metric, "value": value,
+            "sparsity": sparsity, "dataset": dataset, "metric": metric, "value": value,
             "status": _status(result, metric, value), **extra,
             "prune_seconds": report.get("seconds"), "eval_seconds": result.get("seconds"),
             "calibration": f"{calib['dataset']} {calib['nsamples']}x{calib['seqlen']}", "seed": calib["seed"],
@@ -82,13 +87,22 @@ def long_table(ppl_files: list[str], report_files: list[str], config: dict, zero
     for path in ppl_files:
         p = Path(path)
         result = pd.read_parquet(p).iloc[0].to_dict()
-        rows.append(row(p, result, p.stem, "perplexity", float(result["perplexity"])))
+        rows.append(row(p, result, p.stem.partition("+")[0], "perplexity", float(result["perplexity"])))
     for path in zeroshot_files:
         p = Path(path)
         for result in pd.read_parquet(p).to_dict("records"):
             rows.append(row(p, result, result["task"], result["metric"], float(result["value"]),
                             stderr=result.get("stderr"), n=result.get("n")))
     return pd.DataFrame(rows)
+
+
+def _finetune_suffix(config: dict, name: str | None) -> str:
+    """' + <label>' of a fine-tuning recipe or progressive schedule, for the method's name in the tables."""
+    if not name:
+        return ""
+    ft = config.get("finetune") or {}
+    spec = (ft.get("recipes") or {}).get(name) or (ft.get("progressive") or {}).get(name) or {}
+    return f" + {spec.get('label', name)}"
 
 
 def published_rows(path, config: dict) -> pd.DataFrame:
@@ -112,13 +126,15 @@ def zeroshot_tables(df: pd.DataFrame, config: dict) -> list[tuple[str, pd.DataFr
     acc = df[df["metric"] == "acc"]
     if not len(acc):
         return []
+    if "finetune" not in acc.columns:
+        acc = acc.assign(finetune=None)
     tasks = list(dict.fromkeys(acc["dataset"]))
     dense = acc[acc["method_kind"] == "dense"]
     tables = []
     for pattern in [p for p in acc["pattern"].unique() if p != "none"] + (["none"] if (acc["pattern"] == "none").any() else []):
         d = pd.concat([dense, acc[(acc["pattern"] == pattern) & (acc["method_kind"] != "dense")]])
         rows = []
-        for (model, method), g in d.groupby(["model", "method"], sort=False):
+        for _, g in d.groupby(["model", "method", "finetune"], sort=False, dropna=False):
             values = g.set_index("dataset")["value"]
             cells = {t: float(values[t]) * 100 if t in values else None for t in tasks}
             present = [v for v in cells.values() if v is not None]
@@ -138,25 +154,34 @@ def wide_tables(df: pd.DataFrame, published: pd.DataFrame, config: dict) -> list
     methods = list(config["methods"])
     dense = [m for m in methods if config["methods"][m]["method"] == "dense"]
     df = df[df["metric"] == "perplexity"]
+    if "finetune" not in df.columns:
+        df = df.assign(finetune=None)
+    # A column per (method, fine-tuning): a fine-tuned model's column follows its pruned model's.
+    finetunes = [None] + list(dict.fromkeys(f for f in df["finetune"] if f))
+    same_ft = lambda d, f: d["finetune"].isna() if f is None else d["finetune"] == f  # noqa: E731
     for dataset in df["dataset"].unique():
         d = df[df["dataset"] == dataset]
         for pattern in [p for p in d["pattern"].unique() if p != "none"] + (["none"] if (d["pattern"] == "none").any() else []):
-            cols = dense + [m for m in methods if m not in dense and ((d["method"] == m) & (d["pattern"] == pattern)).any()]
-            if not [c for c in cols if c not in dense]:
+            cols = [(m, None) for m in dense] + [
+                (m, f) for m in methods for f in finetunes
+                if (m not in dense or f) and ((d["method"] == m) & same_ft(d, f) & ((d["pattern"] == pattern) | (m in dense))).any()]
+            if not [c for c in cols if c[0] not in dense]:
                 continue
             rows = []
             for model in config["models"]:
                 spec = config["models"][model]
                 cell = {}
-                for m in cols:
-                    hit = d[(d["model"] == model) & (d["method"] == m) & ((d["pattern"] == pattern) | (m in dense))]
-                    cell[config["methods"][m].get("label", m)] = _cell(hit)
+                for m, f in cols:
+                    hit = d[(d["model"] == model) & (d["method"] == m) & same_ft(d, f) & ((d["pattern"] == pattern) | (m in dense))]
+                    cell[config["methods"][m].get("label", m) + _finetune_suffix(config, f)] = _cell(hit)
                 rows.append({"group": spec["group"], "model": spec.get("label", model), "source": "measured", **cell})
                 if len(published):
                     pub = published[(published["model"] == model) & (published["dataset"] == dataset)]
                     for source in pub["source"].unique():
                         cell = {}
-                        for m in cols:
+                        for m, f in cols:
+                            if f:
+                                continue
                             kind = config["methods"][m]["method"]
                             want = "none" if m in dense else pattern
                             hit = pub[(pub["source"] == source) & (pub["method"] == kind) & (pub["pattern"] == want)]

@@ -1,5 +1,6 @@
 import json
 import os
+import shlex
 import sys
 
 from snakemake.utils import validate
@@ -98,8 +99,8 @@ def prune_args(wildcards):
 
 def ppl_results():
     return [
-        f"results/ppl/{model}/{method}/{pattern}/{dataset}.parquet"
-        for model, method, pattern in RUNS
+        f"results/ppl/{model}/{method}/{pattern}/{dataset}{suffix}.parquet"
+        for model, method, pattern, suffix in RUNS_AND_FINETUNED
         for dataset in config["evals"]["perplexity"]["datasets"]
     ]
 
@@ -110,7 +111,85 @@ def prune_reports():
 
 def zeroshot_results():
     return [
-        f"results/zeroshot/{model}/{method}/{pattern}/{task}.parquet"
-        for model, method, pattern in RUNS
+        f"results/zeroshot/{model}/{method}/{pattern}/{task}{suffix}.parquet"
+        for model, method, pattern, suffix in RUNS_AND_FINETUNED
         for task in ZEROSHOT["tasks"]
     ]
+
+
+# Recovery fine-tuning and progressive pruning (finetune.smk). Their evaluations are named like the
+# pruned model's, with "+<recipe>" or "+<schedule>" after the data set or task.
+FINETUNE = config["finetune"]
+RUNS_AND_FINETUNED = (
+    [(*run, "") for run in RUNS]
+    + [(model, method, pattern, f"+{recipe}") for model, method, pattern, recipe in grid.finetune_runs(config)]
+    + [(model, method, pattern, f"+{name}") for model, method, pattern, name in grid.progressive_runs(config)]
+)
+
+
+wildcard_constraints:
+    recipe="|".join(FINETUNE["recipes"]) or "NONE",
+    schedule="|".join(FINETUNE["progressive"]) or "NONE",
+    chain=r"[0-9]+-[0-9a-f]{8}(/[0-9]+-[0-9a-f]{8})*",
+
+
+def recipe_args(recipe):
+    options = " ".join("--param " + shlex.quote(f"{k}={json.dumps(v)}") for k, v in recipe.items() if k != "kind")
+    return f"--kind {recipe['kind']} {options}"
+
+
+def finetune_dtype(wildcards, recipe):
+    # Masked fine-tuning trains the weights: float32. A LoRA adapter trains in float32 beside a frozen
+    # base, which may stay in the model's own dtype.
+    return "float32" if recipe["kind"] == "masked" else model_spec(wildcards)["dtype"]
+
+
+def finetune_inputs(wildcards):
+    dataset = FINETUNE["recipes"][wildcards.recipe]["dataset"]
+    inputs = {"model": f"resources/models/{wildcards.model}", "data": f"resources/data/{dataset}.jsonl"}
+    if not is_dense(wildcards.method):
+        inputs["pruned"] = f"results/pruned/{wildcards.model}/{wildcards.method}/{wildcards.pattern}.safetensors"
+    return inputs
+
+
+def finetuned_eval_inputs(wildcards):
+    f = f"results/finetuned/{wildcards.model}/{wildcards.method}/{wildcards.pattern}/{wildcards.recipe}"
+    return {**eval_inputs(wildcards), "finetuned": f}
+
+
+def finetuned_eval_args(wildcards, input):
+    pruned = f"--pruned {input.pruned} " if "pruned" in input.keys() else ""
+    return f"{pruned}--finetuned {input.finetuned}"
+
+
+def progressive_prune_inputs(wildcards):
+    step = grid.chain_step(config, wildcards.chain)
+    inputs = {"model": f"resources/models/{wildcards.model}"}
+    if needs_calibration(step["method"]):
+        inputs["calibration"] = f"results/calibration/{wildcards.model}/{CALIBRATION_ID}.safetensors"
+    if "/" in wildcards.chain:  # every step after the first starts from the one before, fine-tuned
+        previous = f"results/progressive/{wildcards.model}/{wildcards.chain.rsplit('/', 1)[0]}"
+        inputs["start_pruned"] = f"{previous}/pruned.safetensors"
+        inputs["start_finetuned"] = f"{previous}/finetuned"
+    return inputs
+
+
+def progressive_prune_args(wildcards, input):
+    step = grid.chain_step(config, wildcards.chain)
+    pattern, sparsity = grid.pattern_args(step["pattern"])
+    params = " ".join("--param " + shlex.quote(f"{k}={json.dumps(v)}") for k, v in step["params"].items())
+    args = f"--method {config['methods'][step['method']]['method']} --pattern {pattern} --sparsity {sparsity} {params}"
+    for key in ("calibration", "start_pruned", "start_finetuned"):
+        if key in input.keys():
+            args += f" --{key.replace('_', '-')} {input[key]}"
+    return args
+
+
+def progressive_finetune_data(wildcards):
+    recipe = grid.chain_step(config, wildcards.chain)["recipe_name"]
+    return f"resources/data/{FINETUNE['recipes'][recipe]['dataset']}.jsonl"
+
+
+def progressive_eval_inputs(wildcards):
+    final = f"results/progressive/{wildcards.model}/{grid.progressive_steps(config, wildcards.schedule)[-1]['chain']}"
+    return {**eval_inputs(wildcards), "pruned": f"{final}/pruned.safetensors", "finetuned": f"{final}/finetuned"}
