@@ -134,7 +134,7 @@ wildcard_constraints:
 
 
 def recipe_args(recipe):
-    options = " ".join("--param " + shlex.quote(f"{k}={json.dumps(v)}") for k, v in recipe.items() if k != "kind")
+    options = " ".join(f"--param {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in recipe.items() if k != "kind")
     return f"--kind {recipe['kind']} {options}"
 
 
@@ -177,7 +177,7 @@ def progressive_prune_inputs(wildcards):
 def progressive_prune_args(wildcards, input):
     step = grid.chain_step(config, wildcards.chain)
     pattern, sparsity = grid.pattern_args(step["pattern"])
-    params = " ".join("--param " + shlex.quote(f"{k}={json.dumps(v)}") for k, v in step["params"].items())
+    params = " ".join(f"--param {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in step["params"].items())
     args = f"--method {config['methods'][step['method']]['method']} --pattern {pattern} --sparsity {sparsity} {params}"
     for key in ("calibration", "start_pruned", "start_finetuned"):
         if key in input.keys():
