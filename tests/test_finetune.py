@@ -110,6 +110,17 @@ def test_checkpoints_resume_to_the_result_of_an_uninterrupted_seeded_run(tmp_pat
         assert report["resumed_at"] is None and report["losses"] == results[0][0]["losses"]
 
 
+@pytest.mark.parametrize("kind", ["lora", "masked"])
+def test_gradient_checkpointing_trains_the_same(kind):
+    windows = finetune.training_windows(tokens(), 32)
+    losses = []
+    for checkpointing in (False, True):
+        model, masks = pruned_model("llama")
+        recipe = {**RECIPE, "steps": 4, "kind": kind, "lr": 1e-3, "gradient_checkpointing": checkpointing}
+        losses.append(finetune.train(model, recipe, windows, masks, progress=False)[1]["losses"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
 def test_training_order_is_seeded_and_covers_every_window():
     seen = [i for step in range(10) for i in finetune.batch_indices(10, step, 1, seed=3)]
     assert sorted(seen) == list(range(10))  # one epoch visits each window once
@@ -283,6 +294,25 @@ def test_cli_results_are_evaluated_and_merged(tmp_path, tiny_dir, corpus, pruned
     assert wc.check_sparsity(model)["overall"] == 0.5  # the masks re-applied after merging
     merged_ppl = ppl(tiny_dir, corpus, "--pruned", merged)
     assert merged_ppl != unmerged  # merging and re-masking is another model: measured, not assumed
+
+    # Zero-shot evaluation of the adapter (lm-eval sees the model with its LoRA layers, unmerged).
+    zs = tmp_path / "zs.parquet"
+    assert main(["eval-zeroshot", "--model", str(tiny_dir), "--pruned", str(pruned_file), "--finetuned", str(lora),
+                 "--task", "tiny_mc", "--include-path", str(ROOT / "tests" / "data" / "tasks"), "--limit", "4",
+                 "--device", "cpu", "--out", str(zs), "--quiet"]) == 0
+    rows = pd.read_parquet(zs)
+    assert (rows["finetuned"] == str(lora)).all() and (rows["sparsity"] == 0.5).all() and rows["value"].between(0, 1).all()
+
+    # A progressive step that starts from the LoRA result: the adapter merged, then pruned further,
+    # inside the previous masks.
+    step = tmp_path / "step2.safetensors"
+    assert main(["prune", "--model", str(tiny_dir), "--method", "magnitude", "--sparsity", "0.75", "--start-pruned",
+                 str(pruned_file), "--start-finetuned", str(lora), "--out", str(step), "--quiet"]) == 0
+    new, old = wc.pruned.read_masks(step), wc.pruned.read_masks(pruned_file)
+    assert all(not (new[n] & ~old[n]).any() for n in new)
+    model, _ = wc.load_model(tiny_dir, device="cpu")
+    wc.load_pruned(model, step)
+    assert wc.check_sparsity(model)["overall"] >= 0.75
 
 
 def test_cli_bad_inputs_are_one_error_line(tmp_path, tiny_dir, corpus, pruned_file, capsys):

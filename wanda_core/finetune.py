@@ -250,7 +250,10 @@ def train(model, recipe: dict, windows: torch.Tensor, masks: dict | None = None,
     state = _load_checkpoint(checkpoint, key)
     precision, autocast = _autocast(r["precision"], device)
     if r["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        try:  # transformers 5 renamed it; the old name warns until v6
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        except ValueError as e:
+            raise WandaError(f"gradient_checkpointing: {first_line(e)}") from None
     torch.manual_seed(r["seed"])  # the adapter's initial weights, then dropout
     if r["kind"] == "lora":
         net = attach_lora(model, r)
