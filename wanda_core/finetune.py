@@ -236,9 +236,9 @@ def train(model, recipe: dict, windows: torch.Tensor, masks: dict | None = None,
           progress: bool = True):
     """Fine-tune the pruned `model` (weights on one device) on `windows` [n, seqlen]; returns (net, report).
 
-    recipe: see check_recipe. masks: {matrix name: bool keep [out, in]} (masked: required; lora: only
-    checked). checkpoint: a folder for resumable state, used when its `key` matches. For lora, `net`
-    is the PeftModel wrapping `model`; for masked, `model` itself.
+    recipe: see check_recipe. masks: {matrix name: bool keep [out, in]}, required by masked (lora
+    freezes every base weight and needs none). checkpoint: a folder for resumable state, used when
+    its `key` matches. For lora, `net` is the PeftModel wrapping `model`; for masked, `model` itself.
     """
     r = check_recipe(recipe)
     device = next(model.parameters()).device
