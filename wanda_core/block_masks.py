@@ -202,6 +202,63 @@ def three_tier_mask(score, inner=None, dense=0.35, nm=0.45, topk=0.20, k=15, b=1
     return keep, {"dense": n_dense, "nm": n_nm, "topk": total - n_dense - n_nm}
 
 
+def block_levels(nonzero: torch.Tensor, b: int = 16, k: int = 15, n: int = 2, m: int = 4) -> torch.Tensor:
+    """Per block (row-major), the sparsest three-tier treatment its non-zero pattern already fits:
+    2 = at most k non-zeros (top-k), 1 = at most n of every m consecutive inputs per row (N:M),
+    0 = neither (dense). Padding outside the matrix counts as zero."""
+    b, k, n, m = _check_block(b, k, n, m)
+    blk = _blocks(nonzero.float(), b, 0.0)  # [Rb, Cb, b, b]
+    rb, cb = blk.shape[:2]
+    nm_ok = (blk.reshape(rb, cb, b, b // m, m).sum(-1) <= n).all(-1).all(-1)
+    topk_ok = blk.sum((2, 3)) <= k
+    return torch.where(topk_ok, 2, torch.where(nm_ok, 1, 0)).reshape(-1)
+
+
+def three_tier_step_mask(score, nonzero, inner=None, dense=0.35, nm=0.45, topk=0.20, k=15, b=16, n=2, m=4):
+    """One step of a progressive three-tier schedule: like three_tier_mask, but a block never
+    moves to a denser tier than its current non-zero pattern (`nonzero`, bool [out, in]) fits.
+
+    As in the seed fork's progressive pruning: the dense tier takes the most important blocks
+    that are still dense; blocks that are already top-k stay top-k; the remaining blocks are
+    ranked by their score after N:M (so that blocks pruned to N:M in an earlier step and dense
+    ones just demoted compete on equal terms), the best go to N:M and the rest to top-k.
+    Returns (keep, counts) as three_tier_mask; counts may differ from the fractions only when
+    the schedule asks to make blocks denser again (dense fraction rising, top-k falling).
+    """
+    _check_score(score, inner)
+    if nonzero.shape != score.shape:
+        raise WandaError(f"non-zero pattern shape {tuple(nonzero.shape)} differs from score shape {tuple(score.shape)}")
+    b, k, n, m = _check_block(b, k, n, m)
+    fracs = {"dense": _fraction("dense", dense), "nm": _fraction("nm", nm), "topk": _fraction("topk", topk)}
+    if abs(sum(fracs.values()) - 1.0) > 1e-6:
+        raise WandaError(f"tier fractions dense + nm + topk must sum to 1, got {dense} + {nm} + {topk} = {sum(fracs.values()):g}")
+
+    levels = block_levels(nonzero, b, k, n, m)
+    order = _rank(block_importance(score, b))
+    total = order.numel()
+    still_dense = order[levels[order] == 0]
+    dense_ids = still_dense[:_count(total, fracs["dense"])]
+    rest = torch.ones(total, dtype=torch.bool, device=score.device)
+    rest[dense_ids] = False
+    rest &= levels != 2
+    rest_ids = rest.nonzero().squeeze(1)
+
+    blk = _blocks((score if inner is None else inner).float(), b, float("-inf"))
+    rest_nm = _nm_keep(_gather(blk, rest_ids), n, m)
+    counts = _block_sums(score, b)[1]
+    kept = torch.where(rest_nm, _gather(_blocks(score.float(), b, 0.0), rest_ids), 0.0).sum((1, 2))
+    by_nm = rest_ids[_rank(kept / counts.reshape(-1)[rest_ids])]
+    n_nm = min(by_nm.numel(), _count(total, fracs["nm"]))
+    nm_ids = by_nm[:n_nm]
+    tk = torch.ones(total, dtype=torch.bool, device=score.device)
+    tk[dense_ids] = False
+    tk[nm_ids] = False
+    tk_ids = tk.nonzero().squeeze(1)
+    nm_keep = _nm_keep(_gather(blk, nm_ids), n, m)
+    keep = _assemble(score.shape, b, score.device, [(nm_ids, nm_keep), (tk_ids, _topk_keep(_gather(blk, tk_ids), k))])
+    return keep, {"dense": dense_ids.numel(), "nm": n_nm, "topk": tk_ids.numel()}
+
+
 def block_mask(score, sparsity, b=16):
     """The floor(B * sparsity) least important blocks are zeroed; the rest stay dense."""
     _check_score(score)

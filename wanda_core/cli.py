@@ -1,4 +1,4 @@
-"""Command line: the stages the workflow calls, one command each.
+"""Command line: the stages the workflow calls (calibrate, prune, finetune, eval-ppl, sparsity, materialize), one command each.
 
 Every output is written under a temporary name and renamed when complete; bad input ends with
 one 'error:' line and exit status 2.
@@ -131,10 +131,18 @@ def cmd_prune(a) -> None:
     m, tokenizer = model.load_model(a.model, a.dtype, a.weights_device, a.trust_remote_code, a.blocks)
     calibration = check_calibration(a.calibration, windows, calib_meta, m, tokenizer) if calibrated else None
     dense = fingerprint.model_fingerprint(m)  # what the pruned file is made from, checked when it is applied
+    previous = None
+    if a.start_pruned:  # a step of a progressive schedule: prune the previous step's (fine-tuned) weights
+        from . import finetune
+
+        previous = finetune.load_start(m, a.start_pruned, a.start_finetuned)
     report = engine.prune(m, a.method, a.pattern, sparsity, windows, params, device=a.device,
                          batch_size=a.batch_size, keep_masks=True, progress=not a.quiet, pipeline=a.pipeline,
                          compute_dtype=a.compute_dtype)
     masks = report.pop("masks")
+    if previous is not None:
+        masks, report["sparsity"] = finetune.restrict_masks(m, masks, previous)
+        report["start"] = {"pruned": a.start_pruned, "finetuned": a.start_finetuned}
     meta = {k: v for k, v in report.items() if k != "layers"}
     pruned.save_pruned(m, a.out, masks, {"model": a.model, "model_fingerprint": dense, "calibration": calibration,
                                          **meta, **provenance()}, values=report["updates_weights"])
@@ -152,7 +160,8 @@ def cmd_eval_ppl(a) -> None:
 
     text = data.read_corpus(a.data)
     m, tokenizer = model.load_model(a.model, a.dtype, a.device, a.trust_remote_code, a.blocks)
-    if a.pruned:
+    m, finetuned = _apply_finetuned(m, a)
+    if a.pruned and not a.finetuned:
         pruned.load_pruned(m, a.pruned)
     ids = data.tokenize(tokenizer, text)
     t0 = time.perf_counter()
@@ -163,8 +172,9 @@ def cmd_eval_ppl(a) -> None:
         # A result, not a crash: the table shows this model as failed, with the reason.
         log.error("%s: perplexity failed: %s", a.pruned or a.model, e)
         ppl, status = float("nan"), f"failed: {e}"
-    result = {"model": a.model, "pruned": a.pruned, "data": a.data, "seqlen": a.seqlen, "max_windows": a.max_windows,
-              "perplexity": ppl, "status": status, "seconds": time.perf_counter() - t0, **provenance()}
+    result = {"model": a.model, "pruned": a.pruned, **finetuned, "data": a.data, "seqlen": a.seqlen,
+              "max_windows": a.max_windows, "perplexity": ppl, "status": status, "seconds": time.perf_counter() - t0,
+              **provenance()}
     if a.out:
         (io.write_table([result], a.out) if a.out.endswith((".parquet", ".csv")) else io.write_json(result, a.out))
     progress_log.info("%s: perplexity %.3f on %s%s", a.pruned or a.model, ppl, a.data, f" -> {a.out}" if a.out else "")
@@ -176,11 +186,12 @@ def cmd_eval_zeroshot(a) -> None:
 
     loaded = zeroshot.load_tasks(a.task, a.include_path)  # task names and data first: before the model
     m, tokenizer = model.load_model(a.model, a.dtype, a.device, a.trust_remote_code, a.blocks)
-    if a.pruned:
+    m, finetuned = _apply_finetuned(m, a)
+    if a.pruned and not a.finetuned:
         pruned.load_pruned(m, a.pruned)
     t0 = time.perf_counter()
     rows = zeroshot.evaluate(m, tokenizer, loaded, a.limit, a.batch_size, a.seed, a.cache)
-    extra = {"model": a.model, "pruned": a.pruned, "seconds": time.perf_counter() - t0, **provenance()}
+    extra = {"model": a.model, "pruned": a.pruned, **finetuned, "seconds": time.perf_counter() - t0, **provenance()}
     rows = [{**r, **extra} for r in rows]
     if a.out:
         io.write_table(rows, a.out)
@@ -188,6 +199,66 @@ def cmd_eval_zeroshot(a) -> None:
     progress_log.info("%s: %s%s", a.pruned or a.model, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()),
                       f" -> {a.out}" if a.out else "")
     print(json.dumps(scores))
+
+
+def _apply_finetuned(m, a):
+    """--finetuned: a fine-tuned result (with the --pruned weights it was trained on) put into the dense
+    model; returns (model, fields for the result: the folder and the sparsity of the evaluated weights)."""
+    if not a.finetuned:
+        return m, {}
+    from . import finetune, model
+
+    m = finetune.load_finetuned(m, a.finetuned, a.pruned)
+    # Measured, not assumed; with a LoRA adapter attached, its base layers are the pruned matrices.
+    return m, {"finetuned": a.finetuned, "sparsity": finetune.base_sparsity(m)}
+
+
+def cmd_finetune(a) -> None:
+    """Recovery fine-tuning of a pruned model: a LoRA adapter or masked fine-tuning (wanda_core.finetune)."""
+    import torch
+
+    from . import data, finetune, fingerprint, model, pruned
+
+    recipe = finetune.check_recipe({"kind": a.kind, **_params(a.param)})  # before the (slow) model load
+    text = data.read_corpus(a.data)
+    m, tokenizer = model.load_model(a.model, a.dtype, model.resolve_device(a.device), a.trust_remote_code, a.blocks)
+    if a.pruned:
+        pruned.load_pruned(m, a.pruned)
+        masks = pruned.read_masks(a.pruned)
+    else:  # the dense model: every weight trainable (a reference for what recovery can reach)
+        masks = {t.name: torch.ones(t.shape, dtype=torch.bool) for t in model.all_targets(m)}
+    windows = finetune.training_windows(data.tokenize(tokenizer, text), recipe["seqlen"])
+    dense = None if a.pruned else {"model": a.model, "model_fingerprint": fingerprint.model_fingerprint(m)}
+    before = model.check_sparsity(m)
+    base = {"path": a.pruned, "id": finetune.file_id(a.pruned)} if a.pruned else None
+    # What the run is made from: a checkpoint of anything else is discarded, not resumed.
+    key = json.dumps({"recipe": recipe, "base": base, "data": fingerprint.tensor_hash(windows),
+                      "model": fingerprint.model_fingerprint(m), "dtype": str(next(m.parameters()).dtype)},
+                     sort_keys=True)
+    checkpoint = f"{a.out.rstrip('/')}.checkpoint"
+    net, report = finetune.train(m, recipe, windows, masks, checkpoint, key, progress=not a.quiet)
+    if recipe["kind"] == "masked":
+        after = model.check_sparsity(m)
+        if after["layers"] != before["layers"]:
+            raise RuntimeError("masked fine-tuning changed the sparsity of the pruned weights")  # a bug, never a result
+    report.update({"model": a.model, "base": base, "data": a.data, "sparsity": before["overall"], **provenance()})
+    finetune.save_finetuned(net, a.out, report, masks, a.pruned, dense)
+    finetune.finish_checkpoint(checkpoint)
+    log.info("%s fine-tuning of %s: loss %.4f -> %.4f in %d steps (%.2f s/step) -> %s", recipe["kind"],
+             a.pruned or a.model, report["loss_first"], report["loss_last"], report["steps"],
+             report["seconds_per_step"], a.out)
+    print(json.dumps({"loss_first": report["loss_first"], "loss_last": report["loss_last"],
+                      "seconds_per_step": report["seconds_per_step"]}))
+
+
+def cmd_merge_lora(a) -> None:
+    """A LoRA result merged into its pruned weights, masks re-applied, as a pruned-weights file."""
+    from . import finetune, model
+
+    m, _ = model.load_model(a.model, a.dtype, "cpu", a.trust_remote_code, a.blocks)
+    stats = finetune.merge_lora(m, a.pruned, a.finetuned, a.out)
+    log.info("wrote %s: sparsity %.4f", a.out, stats["overall"])
+    print(json.dumps({"sparsity": stats["overall"]}))
 
 
 def cmd_export(a) -> None:
@@ -423,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calibration", help="calibration windows from 'wanda-core calibrate' (methods that need them)")
     s.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
     s.add_argument("--out", required=True, help="pruned weights (.safetensors: bit-packed masks + kept values)")
+    s.add_argument("--start-pruned", help="a progressive step: start from these pruned weights (their zeros stay zero)")
+    s.add_argument("--start-finetuned", help="... with this fine-tuned result of them applied (wanda-core finetune)")
     s.add_argument("--stats", help="per-layer statistics (.parquet or .csv)")
     s.add_argument("--report", help="summary (.json)")
     s.set_defaults(func=cmd_prune)
@@ -430,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval-ppl", help="perplexity on a text corpus")
     model_args(s)
     s.add_argument("--pruned", help="pruned weights to apply first")
+    s.add_argument("--finetuned", help="then this fine-tuned result (a LoRA adapter, unmerged, or masked fine-tuning)")
     s.add_argument("--data", required=True)
     s.add_argument("--seqlen", type=int, default=2048)
     s.add_argument("--max-windows", type=int, default=None)
@@ -440,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval-zeroshot", help="zero-shot accuracy with lm-eval, on the pruned model in memory")
     model_args(s)
     s.add_argument("--pruned", help="pruned weights to apply first")
+    s.add_argument("--finetuned", help="then this fine-tuned result (a LoRA adapter, unmerged, or masked fine-tuning)")
     s.add_argument("--task", action="append", required=True, help="lm-eval task name (repeatable)")
     s.add_argument("--include-path", help="folder of extra lm-eval YAML tasks (e.g. offline ones)")
     s.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
@@ -448,6 +523,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache", help="lm-eval request cache (sqlite), one per pruned model")
     s.add_argument("--out", help="result (.parquet or .csv)")
     s.set_defaults(func=cmd_eval_zeroshot)
+
+    s = sub.add_parser("finetune", help="recovery fine-tuning of a pruned model (LoRA adapter or masked)")
+    model_args(s, "where the model trains (default: cuda if available)")
+    s.set_defaults(dtype="float32")
+    s.add_argument("--pruned", help="pruned weights (without: the dense model)")
+    s.add_argument("--kind", required=True, choices=["lora", "masked"])
+    s.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="recipe option (repeatable): steps, lr, batch_size, seqlen, rank, alpha, targets, ...")
+    s.add_argument("--data", required=True, help="training text: .txt, .jsonl or .parquet")
+    s.add_argument("--out", required=True, help="result folder (finetune.json + adapter/ or pruned.safetensors)")
+    s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("merge-lora", help="merge a LoRA result into its pruned weights, masks re-applied")
+    s.add_argument("--model", required=True)
+    s.add_argument("--pruned", required=True)
+    s.add_argument("--finetuned", required=True)
+    s.add_argument("--dtype", default="float32")
+    s.add_argument("--out", required=True, help="pruned weights (.safetensors)")
+    loading_args(s)
+    s.set_defaults(func=cmd_merge_lora)
 
     s = sub.add_parser("export", help="write a pruned model as a plain Hugging Face directory")
     s.add_argument("--model", required=True)

@@ -132,10 +132,12 @@ def check_config(config: dict, files: bool = True) -> None:
     for ds in config["evals"]["perplexity"]["datasets"]:
         if ds not in datasets:
             raise WandaError(f"config evals.perplexity.datasets: {ds!r} is not in datasets ({', '.join(datasets) or 'none'})")
+    check_finetune(config)
     if files:
         from pathlib import Path
 
-        for ds in dict.fromkeys([calib, *config["evals"]["perplexity"]["datasets"]]):
+        training = [r["dataset"] for r in _finetune(config)["recipes"].values()]
+        for ds in dict.fromkeys([calib, *config["evals"]["perplexity"]["datasets"], *training]):
             path = datasets[ds].get("path")
             if path and not Path(path).is_file():
                 raise WandaError(f"config datasets.{ds}.path: data file not found: {path}")
@@ -257,3 +259,140 @@ def schema_error(error) -> str:
     else:
         what = error.message.splitlines()[0]
     return f"{where}: {what}"
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# recovery fine-tuning and progressive pruning (config section `finetune`, wanda_core.finetune)
+
+
+def _finetune(config: dict) -> dict:
+    ft = config.get("finetune") or {}
+    return {"recipes": ft.get("recipes") or {}, "runs": ft.get("runs") or [], "progressive": ft.get("progressive") or {}}
+
+
+def recipe(config: dict, name: str, steps: int | None = None) -> dict:
+    """A recipe of the config as wanda_core.finetune takes it (defaults filled, workflow keys dropped)."""
+    from .finetune import check_recipe
+
+    spec = dict(_finetune(config)["recipes"][name])
+    if steps is not None:
+        spec["steps"] = steps
+    return check_recipe(spec)
+
+
+def finetune_runs(config: dict) -> list[tuple[Run, str]]:
+    """Every (pruned model of the grid, recipe) that gets fine-tuned after pruning: every calibration seed's."""
+    out = []
+    for spec in _finetune(config)["runs"]:
+        for run in runs(config):
+            if all(not spec.get(key) or value in spec[key] for key, value in
+                   (("models", run.model), ("methods", run.method), ("patterns", run.pattern))):
+                out.append((run, spec["recipe"]))
+    return list(dict.fromkeys(out))
+
+
+def progressive_steps(config: dict, name: str) -> list[dict]:
+    """The steps of a progressive schedule, resolved: pattern label, the method's options with the
+    step's on top, the recipe after the step; `chain` names the step's cached folder: one segment
+    per step so far, each a hash of what that step does, so schedules that begin alike share them."""
+    import hashlib
+    import json
+
+    from .methods import get_method
+
+    spec = _finetune(config)["progressive"][name]
+    method = config["methods"][spec["method"]]
+    kind = get_method(method["method"])
+    chain, out = [], []
+    for i, step in enumerate(spec["steps"], 1):
+        params = {**method.get("params", {}), **step.get("params", {})}
+        if "progressive" in kind.PARAMS:
+            params["progressive"] = True  # blocks never move to a denser tier (three_tier)
+        own = method_patterns(config, spec["method"])
+        pattern = step.get("pattern") or (own[0] if len(own) == 1 else None)
+        if pattern is None:
+            raise WandaError(f"config finetune.progressive.{name}.steps[{i - 1}]: give a pattern ({spec['method']} runs {', '.join(own)})")
+        recipe_name = step.get("recipe") or spec["recipe"]
+        resolved = recipe(config, recipe_name, step.get("steps"))
+        what = {"method": method["method"], "pattern": pattern, "params": params, "recipe": resolved,
+                "dataset": config["datasets"][_finetune(config)["recipes"][recipe_name]["dataset"]],
+                "calibration": calibration_id(config, seeds(config)[0]) if needs_calibration(config, spec["method"]) else None}
+        chain.append(f"{i}-{hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:8]}")
+        out.append({"method": spec["method"], "pattern": pattern, "params": params, "recipe_name": recipe_name,
+                    "recipe": resolved, "chain": "/".join(chain)})
+    return out
+
+
+def progressive_runs(config: dict) -> list[tuple[Run, str]]:
+    """Every (final model, schedule) of the progressive schedules; a schedule calibrates with the first seed."""
+    out = []
+    for name, spec in _finetune(config)["progressive"].items():
+        final = progressive_steps(config, name)[-1]
+        seed = method_seeds(config, spec["method"])[0]
+        for model in spec.get("models") or config["models"]:
+            out.append((Run(model, spec["method"], final["pattern"], seed), name))
+    return out
+
+
+def chain_step(config: dict, chain: str) -> dict:
+    """The step whose cached folder is `chain`."""
+    for name in _finetune(config)["progressive"]:
+        for step in progressive_steps(config, name):
+            if step["chain"] == chain:
+                return step
+    raise WandaError(f"no progressive step is cached under {chain!r}")
+
+
+def check_finetune(config: dict) -> None:
+    """The finetune section: known recipes, data sets, methods and patterns; schedules that end at
+    their method's own structure; recipe and schedule names apart (they name result files)."""
+    ft = _finetune(config)
+    datasets = config.get("datasets", {})
+    for name, spec in ft["recipes"].items():
+        try:
+            recipe(config, name)
+        except WandaError as e:
+            raise WandaError(f"config finetune.recipes.{name}: {e}") from None
+        if spec["dataset"] not in datasets:
+            raise WandaError(f"config finetune.recipes.{name}.dataset: {spec['dataset']!r} is not in datasets ({', '.join(datasets) or 'none'})")
+    for i, run in enumerate(ft["runs"]):
+        where = f"config finetune.runs[{i}]"
+        if run["recipe"] not in ft["recipes"]:
+            raise WandaError(f"{where}.recipe: {run['recipe']!r} is not in finetune.recipes ({', '.join(ft['recipes']) or 'none'})")
+        for key, known in (("models", config["models"]), ("methods", config["methods"])):
+            for value in run.get(key) or []:
+                if value not in known:
+                    raise WandaError(f"{where}.{key}: {value!r} is not in {key} ({', '.join(known)})")
+        if not [r for r in finetune_runs({**config, "finetune": {**ft, "runs": [run]}})]:
+            raise WandaError(f"{where}: selects no pruned model (check its models, methods and patterns)")
+    for name, spec in ft["progressive"].items():
+        where = f"config finetune.progressive.{name}"
+        if name in ft["recipes"]:
+            raise WandaError(f"{where}: the name is also a recipe's; result files are named by both")
+        if spec["method"] not in config["methods"]:
+            raise WandaError(f"{where}.method: {spec['method']!r} is not in methods ({', '.join(config['methods'])})")
+        for j, step in enumerate(spec["steps"]):
+            r = step.get("recipe") or spec.get("recipe")
+            if r not in ft["recipes"]:
+                raise WandaError(f"{where}.steps[{j}]: recipe {r!r} is not in finetune.recipes ({', '.join(ft['recipes']) or 'none'})")
+        for model in spec.get("models") or []:
+            if model not in config["models"]:
+                raise WandaError(f"{where}.models: {model!r} is not in models ({', '.join(config['models'])})")
+        if not spec["steps"]:
+            raise WandaError(f"{where}.steps: a schedule needs at least one step")
+        method = config["methods"][spec["method"]]
+        kind = get_method(method["method"])
+        steps = progressive_steps(config, name)
+        for j, step in enumerate(steps):
+            try:
+                p, sparsity = pattern_args(step["pattern"])
+                check_params(kind, parse_pattern(p, None if ":" in p else sparsity), dict(step["params"]))
+            except WandaError as e:
+                raise WandaError(f"{where}.steps[{j}]: {e}") from None
+        target = {**kind.PARAMS, **method.get("params", {})}
+        final = {k: v for k, v in {**kind.PARAMS, **steps[-1]["params"]}.items() if k != "progressive"}
+        if {k: v for k, v in target.items() if k != "progressive"} != final or steps[-1]["pattern"] not in method_patterns(config, spec["method"]):
+            raise WandaError(f"{where}: the last step must reach the method's own structure "
+                             f"({spec['method']}: {pattern_title(method_patterns(config, spec['method'])[-1])}, options {method.get('params', {})})")

@@ -57,6 +57,12 @@ def read_metadata(path) -> dict:
     return dict(f.metadata())
 
 
+def read_masks(path) -> dict:
+    """The keep-mask of every pruned matrix in the file: {name: bool tensor [out, in]} (on the CPU)."""
+    f, shapes = _read(path)
+    return {name: unpack_mask(f.get_tensor(f"{name}.mask"), tuple(shape)) for name, shape in shapes.items()}
+
+
 def _apply(model, path, with_values: bool) -> int:
     f, shapes = _read(path)
     check_model(f.metadata().get("model_fingerprint"), model, f"pruned-weights file {path}")

@@ -86,13 +86,18 @@ def long_table(ppl_files: list[str], report_files: list[str], config: dict, zero
         mspec, meth = config["models"][model], config["methods"][method]
         report = reports.get((model, method, pattern, seed), {})
         seed = grid.seed_number(seed)
+        finetune = p.stem.partition("+")[2] or None  # <data set or task>+<recipe or schedule>: fine-tuned
+        sparsity = result.get("sparsity")  # measured on the evaluated weights (fine-tuned results)
+        if sparsity is None or sparsity != sparsity:
+            sparsity = report.get("sparsity", 0.0)
         return {
             "model": model, "label": mspec.get("label", model), "group": mspec["group"],
-            "method": method, "method_label": meth.get("label", method), "method_kind": meth["method"],
+            "method": method, "method_label": meth.get("label", method) + _finetune_suffix(config, finetune),
+            "method_kind": meth["method"], "finetune": finetune,
             "params": json.dumps({**report.get("params", {}), **meth.get("params", {})}, sort_keys=True),
             "pattern": pattern, "column": column_of(method, meth["method"], pattern),
             "target_sparsity": _target_sparsity(meth["method"], pattern, report),
-            "sparsity": report.get("sparsity", 0.0), "dataset": dataset, "metric": metric, "value": value,
+            "sparsity": sparsity, "dataset": dataset, "metric": metric, "value": value,
             "status": _status(result, metric, value), **extra,
             "prune_seconds": report.get("seconds"), "eval_seconds": result.get("seconds"),
             "calibration": None if seed is None else f"{calib['dataset']} {calib['nsamples']}x{calib['seqlen']}",
@@ -106,7 +111,7 @@ def long_table(ppl_files: list[str], report_files: list[str], config: dict, zero
     for path in ppl_files:
         p = Path(path)
         result = pd.read_parquet(p).iloc[0].to_dict()
-        rows.append(row(p, result, p.stem, "perplexity", float(result["perplexity"])))
+        rows.append(row(p, result, p.stem.partition("+")[0], "perplexity", float(result["perplexity"])))
     for path in zeroshot_files:
         p = Path(path)
         for result in pd.read_parquet(p).to_dict("records"):
@@ -117,6 +122,14 @@ def long_table(ppl_files: list[str], report_files: list[str], config: dict, zero
         df["seed"] = df["seed"].astype("Int64")  # NA for runs without calibration (dense, magnitude)
     return df
 
+
+def _finetune_suffix(config: dict, name: str | None) -> str:
+    """' + <label>' of a fine-tuning recipe or progressive schedule, for the method's name in the tables."""
+    if not name:
+        return ""
+    ft = config.get("finetune") or {}
+    spec = (ft.get("recipes") or {}).get(name) or (ft.get("progressive") or {}).get(name) or {}
+    return f" + {spec.get('label', name)}"
 
 # --- published figures ---
 

@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import shlex
 import sys
 
 import jsonschema
@@ -130,7 +131,11 @@ def pruned_weights(path):
 
 
 def ppl_results():
-    return [f"results/ppl/{run.path}/{dataset}.parquet" for run in RUNS for dataset in config["evals"]["perplexity"]["datasets"]]
+    return [
+        f"results/ppl/{run.path}/{dataset}{suffix}.parquet"
+        for run, suffix in RUNS_AND_FINETUNED
+        for dataset in config["evals"]["perplexity"]["datasets"]
+    ]
 
 
 def prune_reports():
@@ -142,7 +147,7 @@ def prune_layers():
 
 
 def zeroshot_results():
-    return [f"results/zeroshot/{run.path}/{task}.parquet" for run in RUNS for task in ZEROSHOT["tasks"]]
+    return [f"results/zeroshot/{run.path}/{task}{suffix}.parquet" for run, suffix in RUNS_AND_FINETUNED for task in ZEROSHOT["tasks"]]
 
 
 def aggregate_outputs():
@@ -173,3 +178,82 @@ def aggregate_outputs():
     if prune_layers():
         out["layer_plot"] = report("results/plots/layer_sparsity.png", caption="../report/layer_sparsity.rst", category="Plots")
     return out
+
+
+# Recovery fine-tuning and progressive pruning (finetune.smk). Their evaluations are named like the
+# pruned model's, with "+<recipe>" or "+<schedule>" after the data set or task.
+FINETUNE = config["finetune"]
+RUNS_AND_FINETUNED = (
+    [(run, "") for run in RUNS]
+    + [(run, f"+{recipe}") for run, recipe in grid.finetune_runs(config)]
+    + [(run, f"+{name}") for run, name in grid.progressive_runs(config)]
+)
+
+
+wildcard_constraints:
+    recipe="|".join(FINETUNE["recipes"]) or "NONE",
+    schedule="|".join(FINETUNE["progressive"]) or "NONE",
+    chain=r"[0-9]+-[0-9a-f]{8}(/[0-9]+-[0-9a-f]{8})*",
+
+
+def recipe_args(recipe):
+    options = " ".join(f"--param {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in recipe.items() if k != "kind")
+    return f"--kind {recipe['kind']} {options}"
+
+
+def finetune_dtype(wildcards, recipe):
+    # Masked fine-tuning trains the weights: float32. A LoRA adapter trains in float32 beside a frozen
+    # base, which may stay in the model's own dtype.
+    return "float32" if recipe["kind"] == "masked" else model_spec(wildcards)["dtype"]
+
+
+def finetune_inputs(wildcards):
+    dataset = FINETUNE["recipes"][wildcards.recipe]["dataset"]
+    inputs = {"model": f"resources/models/{wildcards.model}", "data": f"resources/data/{dataset}.jsonl"}
+    if not is_dense(wildcards.method):
+        inputs["pruned"] = f"results/pruned/{run_of(wildcards).path}.safetensors"
+    return inputs
+
+
+def finetuned_eval_inputs(wildcards):
+    f = f"results/finetuned/{run_of(wildcards).path}/{wildcards.recipe}"
+    return {**eval_inputs(wildcards), "finetuned": f}
+
+
+def finetuned_eval_args(wildcards, input):
+    pruned = f"--pruned {input.pruned} " if "pruned" in input.keys() else ""
+    return f"{pruned}--finetuned {input.finetuned}"
+
+
+def progressive_prune_inputs(wildcards):
+    step = grid.chain_step(config, wildcards.chain)
+    inputs = {"model": f"resources/models/{wildcards.model}"}
+    if grid.needs_calibration(config, step["method"]):
+        seed = grid.seeds(config)[0]  # a schedule calibrates with the first seed
+        inputs["calibration"] = f"results/calibration/{wildcards.model}/{grid.calibration_id(config, seed)}.safetensors"
+    if "/" in wildcards.chain:  # every step after the first starts from the one before, fine-tuned
+        previous = f"results/progressive/{wildcards.model}/{wildcards.chain.rsplit('/', 1)[0]}"
+        inputs["start_pruned"] = f"{previous}/pruned.safetensors"
+        inputs["start_finetuned"] = f"{previous}/finetuned"
+    return inputs
+
+
+def progressive_prune_args(wildcards, input):
+    step = grid.chain_step(config, wildcards.chain)
+    pattern, sparsity = grid.pattern_args(step["pattern"])
+    params = " ".join(f"--param {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in step["params"].items())
+    args = f"--method {config['methods'][step['method']]['method']} --pattern {pattern} --sparsity {sparsity} {params}"
+    for key in ("calibration", "start_pruned", "start_finetuned"):
+        if key in input.keys():
+            args += f" --{key.replace('_', '-')} {input[key]}"
+    return args
+
+
+def progressive_finetune_data(wildcards):
+    recipe = grid.chain_step(config, wildcards.chain)["recipe_name"]
+    return f"resources/data/{FINETUNE['recipes'][recipe]['dataset']}.jsonl"
+
+
+def progressive_eval_inputs(wildcards):
+    final = f"results/progressive/{wildcards.model}/{grid.progressive_steps(config, wildcards.schedule)[-1]['chain']}"
+    return {**eval_inputs(wildcards), "pruned": f"{final}/pruned.safetensors", "finetuned": f"{final}/finetuned"}
