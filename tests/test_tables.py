@@ -292,11 +292,22 @@ def test_runs_have_a_seed_axis_only_where_calibration_is_used():
         "results/pruned/m/three_tier/none/seed3.json"
 
 
+def test_a_model_may_run_a_subset_of_the_methods():
+    config = grid_config()
+    config["models"]["m"]["methods"] = ["dense", "wanda"]  # no three_tier: no wanda at its sparsity either
+    assert [(r.method, r.pattern) for r in grid.runs(config)] == [("dense", "none"), ("wanda", "unstructured-0.5"), ("wanda", "2-4")]
+    config["models"]["m"]["methods"] = ["wanda", "three_tier"]
+    assert ("wanda", "match-three_tier") in [(r.method, r.pattern) for r in grid.runs(config)]
+    config["models"]["m"]["methods"] = ["lottery"]
+    with pytest.raises(WandaError, match="models.m.methods: 'lottery' is not in methods"):
+        grid.check_config(config, files=False)
+
+
 def test_seeds_default_and_older_single_seed():
     assert grid.seeds(grid_config()) == [0]
     assert grid.seeds(grid_config(seed=7)) == [7]
     assert grid.seeds(grid_config(seeds=[1, 2])) == [1, 2]
-    assert grid.calibration_id(grid_config(seeds=[1, 2]), 2) == "c_n2_len8_seed2"
+    assert grid.calibration_id(grid_config(seeds=[1, 2]), 2) == "c_stream_n2_len8_seed2"  # the sampler names the file too
     with pytest.raises(WandaError, match="give seeds"):
         grid.check_config(grid_config(seed=1, seeds=[1]))
 

@@ -64,16 +64,17 @@ def tiny_sources(tmp_path_factory):
 
 def test_dry_run_grid_sizes(tmp_path):
     demo = job_counts(smk(tmp_path / "demo", ROOT / "config" / "config.yaml", "-n"))
-    # 2 models; magnitude, wanda, sparsegpt at 2 patterns and at three_tier's sparsity + three_tier itself;
-    # dense needs no pruning; the offline pydoc_cloze task for each of the 11 (pruned) models of each.
-    assert demo == {"materialize_model": 2, "prepare_dataset": 2, "calibrate": 2, "prune": 20, "perplexity": 22,
-                    "zeroshot": 22, "aggregate": 1, "all": 1}
+    # SmolLM2: magnitude (2 patterns + three_tier's sparsity), wanda (3 patterns + three_tier's), sparsegpt and
+    # ria (2 patterns each), owl, dsnot, three_tier: 14 prunes; Gemma runs its subset: magnitude 2, wanda 3.
+    # Dense needs no pruning; perplexity and the offline pydoc_cloze task for each of the 15 + 6 models.
+    assert demo == {"materialize_model": 2, "prepare_dataset": 2, "calibrate": 2, "prune": 19, "perplexity": 21,
+                    "zeroshot": 21, "aggregate": 1, "all": 1}
     paper = job_counts(smk(tmp_path / "paper", ROOT / "config" / "paper.yaml", "-n"))
-    # 15 models (LLaMA-1, LLaMA-2, OPT) x (3 methods x (3 patterns + three_tier's sparsity) + three_tier) prunes,
-    # + dense for evaluation; the 7 zero-shot tasks for each of the 210 (pruned) models.
-    assert paper == {"materialize_model": 15, "prepare_dataset": 2, "calibrate": 15, "prune": 195,
-                     "perplexity": 210, "zeroshot": 210 * 7, "aggregate": 1, "all": 1}
-
+    # 15 models (LLaMA-1, LLaMA-2, OPT) x 24 prunes: magnitude 3 patterns + three_tier's sparsity, wanda 5 + 1,
+    # sparsegpt 3 + 1, ria 3, owl 3, dsnot 3, three_tier; + dense for evaluation; the 7 zero-shot tasks for each
+    # of the 375 (pruned) models.
+    assert paper == {"materialize_model": 15, "prepare_dataset": 2, "calibrate": 15, "prune": 360,
+                     "perplexity": 375, "zeroshot": 375 * 7, "aggregate": 1, "all": 1}
 
 def test_dry_run_seed_axis(tmp_path):
     """Each calibration seed is one more calibration and one more prune and evaluation of each calibrated method."""
@@ -82,9 +83,10 @@ def test_dry_run_seed_axis(tmp_path):
     config["evals"]["zeroshot"]["tasks"] = []
     config["calibration"]["seeds"] = [0, 1, 2]
     proc = smk(tmp_path, config, "-n")
-    # Per seed: wanda and sparsegpt (2 patterns + three_tier's sparsity) and three_tier; magnitude (3) and dense once.
-    assert job_counts(proc) == {"materialize_model": 1, "prepare_dataset": 2, "calibrate": 3, "prune": 3 + 3 * 7,
-                                "perplexity": 4 + 3 * 7, "aggregate": 1, "all": 1}
+    # Per seed: wanda (3 patterns + three_tier's sparsity), sparsegpt and ria (2 each), owl, dsnot and three_tier;
+    # magnitude (3) and dense once.
+    assert job_counts(proc) == {"materialize_model": 1, "prepare_dataset": 2, "calibrate": 3, "prune": 3 + 3 * 11,
+                                "perplexity": 4 + 3 * 11, "aggregate": 1, "all": 1}
     assert job_seeds(proc) == {"noseed", "seed0", "seed1", "seed2"}
     # The older single seed still reads as one seed.
     del config["calibration"]["seeds"]
@@ -121,7 +123,7 @@ def base_config(tiny_sources, **extra):
     (lambda c: c["methods"].update(t={"method": "three_tier", "params": {"dense": 0.5}}), "must sum to 1"),
     (lambda c: c["evals"]["perplexity"].update(datasets=["c4"]), "evals.perplexity.datasets: 'c4' is not in datasets"),
     (lambda c: c["models"]["tiny-llama"].update(gpus=-1), "config models.tiny-llama.gpus: -1 is below the minimum 0"),
-    (lambda c: c["models"]["tiny-llama"].update(gpu=1), "config models.tiny-llama: unknown key 'gpu' (accepted: source, dtype,"),
+    (lambda c: c["models"]["tiny-llama"].update(gpu=1), "config models.tiny-llama: unknown key 'gpu' (accepted: source, trust_remote_code, blocks, dtype,"),
     (lambda c: c["datasets"].update(eval={"path": "no/such/test.txt"}), "config datasets.eval.path: data file not found: no/such/test.txt"),
     (lambda c: c["evals"].update(zeroshot={"tasks": ["no_such_task"]}), "unknown zero-shot task 'no_such_task'"),
 ])
@@ -149,7 +151,8 @@ def test_missing_data_file_stops_before_old_outputs_are_touched(tmp_path, tiny_s
     config["datasets"]["eval"] = {"path": str(tmp_path / "renamed.txt")}
     proc = smk(tmp_path, config)
     assert proc.returncode != 0 and f"config datasets.eval.path: data file not found: {tmp_path / 'renamed.txt'}" in proc.stderr
-    assert prepared.read_bytes() == before and not (tmp_path / "results").exists()
+    # Nothing but the first run's log (results/logs/prepare_dataset) is under results/.
+    assert prepared.read_bytes() == before and not [p for p in (tmp_path / "results").rglob("*") if p.is_file() and "logs" not in p.parts]
 
 
 def test_duplicate_model_names_and_labels_stop_before_any_job(tmp_path, tiny_sources):
@@ -293,7 +296,7 @@ def test_a_label_change_reruns_only_the_tables(e2e):
     assert job_counts(proc) == {"aggregate": 1, "all": 1}
     # Its reason names a short hash of the config, not the config itself.
     reason = next(line for line in (proc.stdout + proc.stderr).splitlines() if "reason: Params have changed" in line)
-    assert "config_hash" in reason and len(reason) < 200, reason
+    assert len(reason) < 200, reason  # short hashes of the config, not the config itself
 
 
 def test_adding_a_task_runs_only_the_new_evaluations(e2e):

@@ -125,6 +125,10 @@ def check_config(config: dict, files: bool = True) -> None:
         except WandaError as e:
             raise WandaError(f"config methods.{name}: {e}") from None
     check_unique_labels(config)
+    for model, spec in config["models"].items():
+        for name in spec.get("methods") or []:
+            if name not in config["methods"]:
+                raise WandaError(f"config models.{model}.methods: {name!r} is not in methods ({', '.join(config['methods'])})")
     seeds(config)
     calib = config["calibration"]["dataset"]
     if calib not in datasets:
@@ -219,10 +223,23 @@ class Run(NamedTuple):
         return f"{self.model}/{self.method}/{self.pattern}/{self.seed}"
 
 
+def model_methods(config: dict, model: str) -> list[str]:
+    """The methods a model runs: its `methods:` list (a cheaper subset for a costly model), else all."""
+    return [m for m in config["methods"] if m in (config["models"][model].get("methods") or config["methods"])]
+
+
 def runs(config: dict) -> list[Run]:
-    """Every (model, method, pattern label, seed label) of the grid."""
-    return [Run(model, method, label, seed) for model in config["models"] for method in config["methods"]
-            for label in method_patterns(config, method) for seed in method_seeds(config, method)]
+    """Every (model, method, pattern label, seed label) of the grid; a matched baseline only where its
+    own-structure method runs too."""
+    out = []
+    for model in config["models"]:
+        methods = model_methods(config, model)
+        for method in methods:
+            for label in method_patterns(config, method):
+                if label.startswith(MATCH) and label.removeprefix(MATCH) not in methods:
+                    continue
+                out += [Run(model, method, label, seed) for seed in method_seeds(config, method)]
+    return out
 
 
 def calibration_id(config: dict, seed: int) -> str:
