@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -161,6 +162,9 @@ def bench_demo(args) -> dict:
                         stop_busy(procs)
                     if proc.returncode:
                         raise SystemExit(f"the demo failed:\n{proc.stderr[-4000:]}")
+                    if args.keep_tables:  # the tables of the last run, to read its results
+                        shutil.rmtree(args.keep_tables, ignore_errors=True)
+                        shutil.copytree(Path(tmp) / "results" / "tables", args.keep_tables)
                     row = {"rep": rep, "busy": busy, "setting": setting, "cores": args.cores, "wall_s": round(wall, 1),
                            "cpu_s": round(cpu, 1), "loadavg_before": load, "loadavg_after": loadavg_line()}
                     runs.append(row)
@@ -181,6 +185,7 @@ def main():
                    help="comma-separated numbers of busy processes alongside")
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--demo", action="store_true", help="time the whole demo workflow instead of single prune jobs")
+    p.add_argument("--keep-tables", metavar="DIR", help="--demo: copy the last run's results/tables/ to DIR")
     p.add_argument("--cores", type=int, default=os.cpu_count(), help="--demo: snakemake --cores")
     p.add_argument("--demo-settings", default="config,all-cores", type=lambda s: s.split(","),
                    help=f"--demo: comma-separated, of {', '.join(DEMO_SETTINGS)}")

@@ -78,11 +78,15 @@ def main():
         counts = param_counts(spec["source"])
         b = BYTES[spec.get("dtype", "auto")]
         new = old = 0
-        for model, method, label in runs:
+        for run in runs:
+            model, method, label = run.model, run.method, run.pattern
             if model != name or config["methods"][method]["method"] == "dense":
                 continue
             kind = config["methods"][method]["method"]
-            sparsity = grid.pattern_args(label)[1] if label != "none" else 0.41
+            # N:M patterns 0.5; own structures (three_tier) and the baselines matched to them: 41%
+            sparsity = grid.pattern_args(label)[1] if label != "none" and not label.startswith(grid.MATCH) else 0.41
+            if sparsity is None:
+                sparsity = 0.5
             updates = kind == "sparsegpt" or (config["methods"][method].get("params", {}).get("base") == "sparsegpt")
             new += pruned_file_bytes(counts["matrix_sizes"], sparsity, updates, b)
             old += pruned_file_bytes(counts["matrix_sizes"], sparsity, True, b)
@@ -93,7 +97,7 @@ def main():
         total_models += dense
         total_new += new
         total_old += old
-    result = {"config": os.path.relpath(args.config, ROOT), "pruned_variants": sum(1 for r in runs if config["methods"][r[1]]["method"] != "dense"),
+    result = {"config": os.path.relpath(args.config, ROOT), "pruned_variants": sum(1 for r in runs if config["methods"][r.method]["method"] != "dense"),
               "models": models, "dense_models_gb": round(total_models / 1e9, 1), "pruned_files_gb": round(total_new / 1e9, 1),
               "pruned_files_gb_values_always": round(total_old / 1e9, 1),
               "total_gb": round((total_models + total_new) / 1e9, 1),

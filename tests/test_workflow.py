@@ -199,6 +199,7 @@ def e2e(tmp_path_factory, tiny_sources, smollm2_dir, wikitext):
     return workdir, config, proc
 
 
+@pytest.mark.slow  # the e2e fixture runs the workflow on SmolLM2 (about 4 min)
 def test_end_to_end_results(e2e):
     workdir, config, proc = e2e
     results = workdir / "results"
@@ -247,6 +248,7 @@ def test_end_to_end_results(e2e):
     assert "loading model" in log and "pruned block 30/30" in log and "torch threads" in log
 
 
+@pytest.mark.slow  # the e2e fixture runs the workflow on SmolLM2 (about 4 min)
 def test_report_after_a_run(e2e):
     workdir, config, _ = e2e
     report = workdir / "results" / "report.html"
@@ -258,6 +260,7 @@ def test_report_after_a_run(e2e):
         assert item in text, item
 
 
+@pytest.mark.slow  # the e2e fixture runs the workflow on SmolLM2 (about 4 min)
 def test_noop_rerun_does_nothing(e2e):
     workdir, config, _ = e2e
     assert job_counts(smk(workdir, config, "-n")) == {}
@@ -266,6 +269,7 @@ def test_noop_rerun_does_nothing(e2e):
     assert job_counts(smk(workdir, config, "-n")) == {}
 
 
+@pytest.mark.slow  # the e2e fixture runs the workflow on SmolLM2 (about 4 min)
 def test_adding_a_model_runs_only_its_jobs(e2e, tiny_sources):
     workdir, config, _ = e2e
     config = json.loads(json.dumps(config))
@@ -276,6 +280,7 @@ def test_adding_a_model_runs_only_its_jobs(e2e, tiny_sources):
     assert job_models(proc) == {"tiny-gpt2"}
 
 
+@pytest.mark.slow  # the e2e fixture runs the workflow on SmolLM2 (about 4 min)
 def test_adding_a_seed_runs_only_its_jobs(e2e):
     workdir, config, _ = e2e
     config = json.loads(json.dumps(config))
@@ -288,6 +293,7 @@ def test_adding_a_seed_runs_only_its_jobs(e2e):
     assert job_seeds(proc) == {"seed1"}
 
 
+@pytest.mark.slow  # the e2e fixture runs the workflow on SmolLM2 (about 4 min)
 def test_a_label_change_reruns_only_the_tables(e2e):
     workdir, config, _ = e2e
     config = json.loads(json.dumps(config))
@@ -299,6 +305,7 @@ def test_a_label_change_reruns_only_the_tables(e2e):
     assert len(reason) < 200, reason  # short hashes of the config, not the config itself
 
 
+@pytest.mark.slow  # the e2e fixture runs the workflow on SmolLM2 (about 4 min)
 def test_adding_a_task_runs_only_the_new_evaluations(e2e):
     workdir, config, _ = e2e
     config = json.loads(json.dumps(config))
@@ -306,6 +313,7 @@ def test_adding_a_task_runs_only_the_new_evaluations(e2e):
     assert job_counts(smk(workdir, config, "-n")) == {"zeroshot": 10, "aggregate": 1, "all": 1}
 
 
+@pytest.mark.slow  # the e2e fixture runs the workflow on SmolLM2 (about 4 min)
 def test_adding_an_evaluation_reruns_no_pruning(e2e, wikitext):
     workdir, config, _ = e2e
     config = json.loads(json.dumps(config))
