@@ -125,3 +125,21 @@ def cli(capsys):
         return status, out, [line for line in err.splitlines() if line.startswith("error:")]
 
     return run
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random LLaMA saved as an HF directory (tests/tiny_models.py)."""
+    from tiny_models import save_tiny
+
+    return save_tiny("llama", tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A text file of 40 pydoc topics (standard library, no download)."""
+    import pydoc_data.topics
+
+    path = tmp_path_factory.mktemp("data") / "topics.txt"
+    path.write_text("\n".join(list(pydoc_data.topics.topics.values())[:40]))
+    return path

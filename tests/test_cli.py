@@ -12,20 +12,6 @@ from tiny_models import save_tiny
 from wanda_core.cli import main
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny("llama", tmp_path_factory.mktemp("models") / "tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    import pydoc_data.topics
-
-    path = tmp_path_factory.mktemp("data") / "topics.txt"
-    path.write_text("\n".join(list(pydoc_data.topics.topics.values())[:40]))
-    return path
-
-
 def run(*args):
     return main([str(a) for a in args])
 

@@ -233,20 +233,6 @@ def test_a_progressive_step_never_makes_a_block_denser():
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny("llama", tmp_path_factory.mktemp("models") / "tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    import pydoc_data.topics
-
-    path = tmp_path_factory.mktemp("data") / "topics.txt"
-    path.write_text("\n".join(list(pydoc_data.topics.topics.values())[:40]))
-    return path
-
-
-@pytest.fixture(scope="module")
 def pruned_file(tmp_path_factory, tiny_dir, corpus):
     folder = tmp_path_factory.mktemp("pruned")
     assert main(["calibrate", "--model", str(tiny_dir), "--data", str(corpus), "--nsamples", "4", "--seqlen", "64",

@@ -148,15 +148,6 @@ def remote_dir(tmp_path_factory):
     return write_remote_code_model(tmp_path_factory.mktemp("remote") / "tiny-hybrid")
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    import pydoc_data.topics
-
-    path = tmp_path_factory.mktemp("data") / "topics.txt"
-    path.write_text("\n".join(list(pydoc_data.topics.topics.values())[:40]))
-    return path
-
-
 def test_remote_code_needs_trust(remote_dir):
     with pytest.raises(wc.WandaError, match="ships its own modeling code .* --trust-remote-code"):
         wc.load_model(remote_dir, device="cpu")
