@@ -143,6 +143,8 @@ def main():
     p.add_argument("--sparsity", type=float, default=0.6)
     p.add_argument("--pattern", default="unstructured", help="unstructured, or N:M (their code: sparsity 0.5)")
     p.add_argument("--params", default="{}", help="options of ours, as JSON")
+    p.add_argument("--order", type=int, default=0,
+                   help="0: the windows as drawn; k: shuffled by permutation seed k (the same sums, other rounding)")
     p.add_argument("--batch-size", type=int, default=8, help="our engine's calibration batch (theirs: 1)")
     p.add_argument("--blocks", type=int, default=None, help="keep only the first N decoder blocks (mask check only)")
     p.add_argument("--no-eval", action="store_true")
@@ -165,6 +167,8 @@ def main():
     dtype = next(model.parameters()).dtype
     model.seqlen = args.seqlen
     calib = wanda_windows(wc.tokenize(tok, wc.read_corpus(WIKITEXT / "valid.txt", join=" ")), args.nsamples, args.seqlen)
+    if args.order:
+        calib = calib[torch.randperm(len(calib), generator=torch.Generator().manual_seed(args.order))]
     test = wc.tokenize(tok, wc.read_corpus(WIKITEXT / "test.txt"))
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     nm = (0, 0) if args.pattern == "unstructured" else tuple(map(int, args.pattern.split(":")))
@@ -201,7 +205,8 @@ def main():
         "bench": "dsnot_reference", "model": f"SmolLM2-135M-Instruct ({str(dtype).replace('torch.', '')}, CPU)", "blocks": n_blocks,
         "reference": "zyxxmu/DSnoT lib/prune.py prune_DSnoT, main.py defaults (initial_method wanda)",
         "pattern": args.pattern, "sparsity": sparsity, "ours_params": report["params"],
-        "calibration": f"wikitext-2 valid.txt, lines joined with ' ', {args.nsamples} x {args.seqlen}, Wanda get_wikitext2 sampling, seed 0",
+        "calibration": f"wikitext-2 valid.txt, lines joined with ' ', {args.nsamples} x {args.seqlen}, Wanda get_wikitext2 sampling, seed 0"
+                       + (f", shuffled (permutation seed {args.order})" if args.order else ""),
         "eval": None if args.no_eval else f"wikitext-2 test.txt, lines joined with '\\n\\n', first {args.windows} windows x {args.seqlen}",
         "theirs": {"ppl": theirs_ppl, "prune_seconds": round(theirs_seconds, 1), "loadavg": theirs_load},
         "ours": {"ppl": ours_ppl, "prune_seconds": round(ours_seconds, 1), "loadavg": loadavg(),
