@@ -256,18 +256,34 @@ def test_owl_delegates_to_its_base():
 
 # ----------------------------------------------------------------------------- DSnoT
 
-def dsnot_reference(w, x, pattern, init="wanda", max_cycles=50, threshold=0.1, var_power=1.0, same_sign=None):
-    """DSnoT written out row by row with plain lists, from the paper and the authors' prune_DSnoT."""
+def _divide(a, b):
+    """a / b as torch divides floats: x / 0 is +-inf, 0 / 0 is NaN."""
+    if b:
+        return a / b
+    return math.nan if a == 0 else math.copysign(math.inf, a)
+
+
+def _sign(v):
+    return math.copysign(1, v) if v else 0
+
+
+def dsnot_reference(w, x, pattern, init="wanda", max_cycles=50, threshold=0.1, var_power=1.0, same_sign=None,
+                    strict=False):
+    """DSnoT written out with plain lists, from the paper and the authors' prune_DSnoT: all rows step
+    through the cycles together, as in their loop. strict: our strict_swaps (a swap only ever trades a
+    pruned weight for a kept one; a row that cannot swap so stops and writes nothing)."""
     rows, cols = w.shape
     seqs = x.reshape(-1, x.shape[-2], x.shape[-1]).double()
     tokens = seqs.reshape(-1, cols)
     sum_metric_row = (tokens.sum(0) / seqs.shape[0]).tolist()  # per channel: sum of x over tokens / sequences
     var = (sum(torch.var(q, dim=0, unbiased=False) * q.shape[0] for q in seqs) / tokens.shape[0]).tolist()
+    if strict:
+        var = [max(v, torch.finfo(torch.float32).tiny) for v in var]
     wanda = (w.double().abs() * (tokens ** 2).sum(0).sqrt()).tolist()
     init_score = wanda if init == "wanda" else w.double().abs().tolist()
     nm = pattern.kind == "nm"
     same_sign = nm if same_sign is None else same_sign
-    keep = torch.ones(rows, cols, dtype=torch.bool)
+    state = []
     for i in range(rows):
         c = [float(w[i, j]) * sum_metric_row[j] for j in range(cols)]
         if nm:
@@ -275,37 +291,56 @@ def dsnot_reference(w, x, pattern, init="wanda", max_cycles=50, threshold=0.1, v
                       for j in pruned_lowest(init_score[i][g : g + pattern.m], pattern.m - pattern.n)]
         else:
             pruned = pruned_lowest(init_score[i], int(cols * pattern.sparsity))
-        is_kept = [j not in pruned for j in range(cols)]
+        kept = [j not in pruned for j in range(cols)]
         error = sum(c[j] for j in pruned)
-        sign0 = math.copysign(1, error) if error else 0
-        grow = [0.0 if is_kept[j] else c[j] / var[j] ** var_power for j in range(cols)]
-        regrow = sorted(range(cols), key=lambda j: (grow[j], j))
-        r_lo, r_hi = 0, cols - 1
-        kept_by_wanda = sorted((j for j in range(cols) if is_kept[j]), key=lambda j: (wanda[i][j], j))
-        prune_list = [j for j in kept_by_wanda if c[j] < 0] + [j for j in kept_by_wanda if c[j] > 0][::-1]
-        p_lo, p_hi = 0, len(prune_list) - 1
-        prunable = [init_score[i][j] if is_kept[j] else math.inf for j in range(cols)]
-        for _ in range(max_cycles):
-            if error > 0:
-                r, r_hi = regrow[r_hi], r_hi - 1
-            else:
-                r, r_lo = regrow[r_lo], r_lo + 1
+        grow = [0.0 if kept[j] else c[j] for j in range(cols)]
+        if var_power:
+            grow = [_divide(g, v ** var_power) for g, v in zip(grow, var)]
+            if strict:
+                grow = [0.0 if kept[j] else g for j, g in enumerate(grow)]
+        regrow = sorted(range(cols), key=lambda j: (math.isnan(grow[j]), 0.0 if math.isnan(grow[j]) else grow[j], j))
+        by_wanda = sorted((j for j in range(cols) if kept[j]), key=lambda j: (wanda[i][j], j))
+        zeros = [j for j in by_wanda if not (c[j] < 0 or c[j] > 0)]
+        if not strict:  # their index trick: every zero contribution becomes the first kept weight
+            zeros = [by_wanda[0]] * len(zeros)
+        prune_list = [j for j in by_wanda if c[j] < 0] + zeros + [j for j in by_wanda if c[j] > 0][::-1]
+        state.append({"c": c, "kept": kept, "error": error, "sign0": _sign(error), "regrow": regrow, "r": [0, cols - 1],
+                      "prune": prune_list, "p": [0, len(prune_list) - 1], "active": True, "live": True,
+                      "prunable": [init_score[i][j] if kept[j] else math.inf for j in range(cols)]})
+
+    def read(lst, ends, high):
+        pos = ends[1] if high else ends[0]
+        ends[1 if high else 0] += -1 if high else 1
+        return lst[pos] if 0 <= pos < len(lst) else None
+
+    for _ in range(max_cycles):
+        if not any(s["active"] for s in state):
+            break
+        for s in state:
+            c, kept, error = s["c"], s["kept"], s["error"]
+            r = read(s["regrow"], s["r"], error > 0)
             if nm:
-                start = r - r % pattern.m
-                group = prunable[start : start + pattern.m]
+                start = r - r % pattern.m if r is not None else 0
+                group = s["prunable"][start : start + pattern.m]
                 p = start + group.index(min(group))
-            elif error < 0:
-                p, p_hi = prune_list[p_hi], p_hi - 1
             else:
-                p, p_lo = prune_list[p_lo], p_lo + 1
+                p = read(s["prune"], s["p"], error < 0)
+            s["live"] = s["live"] and r is not None and p is not None  # theirs: an index error
+            if not s["live"]:
+                s["active"] = False
+                continue
             after = error + c[p] - c[r]
-            if abs(error) <= threshold or (same_sign and (math.copysign(1, after) if after else 0) != sign0):
-                break
-            assert is_kept[p] and not is_kept[r]  # the reference's matrices never run out of candidates
-            is_kept[p], is_kept[r], prunable[p] = False, True, math.inf
-            error = after
-        keep[i] = torch.tensor(is_kept)
-    return keep
+            go = s["active"] and abs(error) > threshold and not (same_sign and _sign(after) != s["sign0"])
+            if strict:
+                go = go and kept[p] and not kept[r] and not (nm and s["prunable"][p] == math.inf)
+            s["active"] = go
+            if strict and not go:
+                continue
+            kept[p], kept[r] = not go, go  # a stopped row rewrites its candidates, as theirs
+            s["prunable"][p] = math.inf
+            if go:
+                s["error"] = after
+    return torch.tensor([s["kept"] for s in state])
 
 
 @pytest.mark.parametrize("pattern,options", [
@@ -313,8 +348,10 @@ def dsnot_reference(w, x, pattern, init="wanda", max_cycles=50, threshold=0.1, v
     ("unstructured", {"same_sign": True}),
     ("unstructured", {"var_power": 0.0, "update_threshold": 0.5}),
     ("unstructured", {"init": "magnitude", "max_cycles": 7}),
+    ("unstructured", {"strict_swaps": True}),
     ("2:4", {}),
     ("4:8", {"init": "magnitude", "same_sign": False}),
+    ("2:4", {"strict_swaps": True}),
 ])
 def test_dsnot_matches_a_row_by_row_transcription(pattern, options):
     x, w = _inputs(d=256, seq=64), _weight(out=32, d=256)
@@ -322,13 +359,32 @@ def test_dsnot_matches_a_row_by_row_transcription(pattern, options):
     params = {**dsnot.PARAMS, **options}
     result = dsnot.prune_matrix(w.clone(), _stats(x), pat, **params)
     expected = dsnot_reference(w, x, pat, params["init"], params["max_cycles"], params["update_threshold"],
-                               params["var_power"], params["same_sign"])
+                               params["var_power"], params["same_sign"], params["strict_swaps"])
     assert result.info["dsnot_swaps"] > 32  # the refinement did something
     assert torch.equal(result.keep, expected)
+    # Rows this wide never reach the corner cases: every row keeps its count.
     if pat.kind == "nm":
         assert (result.keep.reshape(32, -1, pat.m).sum(-1) == pat.n).all()
     else:
         assert (result.keep.sum(1) == 256 - int(256 * 0.6)).all()
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_dsnot_corner_cases_follow_the_authors_code_unless_strict(strict):
+    """Narrow rows (fewer pruned weights of one sign, and fewer kept weights, than cycles), an input
+    channel of zero mean (zero contributions) and one of zero variance (theirs divides 0 by 0)."""
+    x, w = _inputs(d=24, seq=64), _weight(out=32, d=24)
+    x[..., 3] = torch.tensor([1.0, -1.0]).repeat(32)  # every sequence sums to exactly 0
+    x[..., 7] = 0.5  # constant: zero variance within each sequence
+    pat = Pattern("unstructured", 0.6)
+    result = dsnot.prune_matrix(w.clone(), _stats(x), pat, strict_swaps=strict, update_threshold=0.0)
+    expected = dsnot_reference(w, x, pat, threshold=0.0, strict=strict)
+    assert torch.equal(result.keep, expected)
+    counts = result.keep.sum(1)
+    if strict:
+        assert (counts == 24 - int(24 * 0.6)).all()
+    else:  # the authors' loop "regrows" kept weights and "prunes" pruned ones: counts drift
+        assert (counts != 24 - int(24 * 0.6)).any()
 
 
 def test_dsnot_reduces_the_expected_error_and_skips_mlp_by_default():
@@ -361,6 +417,26 @@ def test_dsnot_reduces_the_expected_error_and_skips_mlp_by_default():
 ])
 def test_dsnot_tells_attention_from_mlp_across_architectures(name, attention):
     assert dsnot.in_attention(name) is attention
+
+
+def test_dsnot_error_update_rounds_in_the_authors_order():
+    """One row whose error, after one swap, lands within float32 rounding of the threshold 0.1.
+
+    The authors update the error in two steps, e += c_pruned, then e -= c_regrown: here that gives
+    0.09999999 <= 0.1 and the row stops after one swap. One rounding, e += (c_pruned - c_regrown),
+    gives 0.10000002 and a second swap. On SmolLM2 such a row (block 1, o_proj) was the first place
+    where our masks differed from theirs computed from the same statistics."""
+    a, b, p = 0.391, 1.047, -0.9470000863075256  # regrown, second regrow candidate, pruned
+    # Channels 0-3: zero weights; 4 (a) and 5 (b): pruned at first; 6 (p) and 7-9: kept.
+    w = torch.tensor([[0.0, 0.0, 0.0, 0.0, a, b, p, 1.0, 1.0, 1.0]])
+    st = Stats(count=1, samples=1, xsum=torch.ones(10),  # mean 1 per channel: contribution = weight
+               sqnorm=torch.tensor([1.0] * 6 + [100.0] * 4),  # Wanda score |w| (pruned side), 10 |w| (kept)
+               within=torch.tensor([1.0] * 5 + [10.0] + [1.0] * 4))  # a / 1 regrows before b / 10
+    e = torch.tensor(a) + torch.tensor(b)
+    assert ((e + torch.tensor(p)) - torch.tensor(a)).item() <= 0.1 < (e + (torch.tensor(p) - torch.tensor(a))).item()
+    result = dsnot.prune_matrix(w.clone(), st, Pattern("unstructured", 0.6), name="model.layers.1.self_attn.o_proj")
+    assert result.info["dsnot_swaps"] == 1
+    assert result.keep[0].tolist() == [False] * 4 + [True, False, False, True, True, True]
 
 
 def test_dsnot_sparsegpt_init_uses_the_obs_score_per_row():
@@ -399,6 +475,7 @@ def test_dsnot_sparsegpt_init_uses_the_obs_score_per_row():
     ("dsnot", "unstructured", {"max_cycles": 2.5}, "max_cycles must be a whole number"),
     ("dsnot", "2:4", {"update_threshold": -1}, "update_threshold must be a number >= 0"),
     ("dsnot", "unstructured", {"same_sign": "auto"}, "same_sign must be"),
+    ("dsnot", "2:4", {"strict_swaps": "yes"}, "strict_swaps must be true or false"),
 ])
 def test_bad_options_fail_before_any_model_is_loaded(method, pattern, params, message):
     with pytest.raises(WandaError, match=None) as e:
@@ -516,9 +593,15 @@ def test_dsnot_on_a_tiny_model_refines_attention_only():
     assert {n for n in changed if ".layers.0." in n} == {n for n in rows if ".layers.0.self_attn." in n}
     assert all(rows[n]["dsnot_swaps"] > 0 for n in rows if ".self_attn." in n)
     assert all(rows[n]["dsnot_swaps"] == 0 for n in rows if ".mlp." in n)
+    # Rows of 64 inputs run out of candidates within 50 cycles at threshold 0: the authors' loop (our
+    # default) then lets counts drift; strict_swaps keeps every row's count.
+    model = tiny_model("llama")
+    params = {"update_threshold": 0.0, "strict_swaps": True}
+    report = wc.prune(model, "dsnot", "unstructured", 0.6, calibration, params=params, progress=False)
     assert report["sparsity"] == pytest.approx(0.6, abs=0.01)
     model = tiny_model("llama")
-    report = wc.prune(model, "dsnot", "2:4", None, calibration, params={"init": "sparsegpt", "skip": "none"}, progress=False)
+    params = {"init": "sparsegpt", "skip": "none", "strict_swaps": True}
+    report = wc.prune(model, "dsnot", "2:4", None, calibration, params=params, progress=False)
     for t in wc.all_targets(model):
         assert ((t.weight() != 0).reshape(t.shape[0], -1, 4).sum(-1) <= 2).all()
 

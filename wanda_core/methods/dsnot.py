@@ -18,6 +18,14 @@ Var[x_j] is the within-sequence variance pooled over the calibration sequences. 
 authors' code, by default the MLP matrices keep their initial mask (only the matrices inside an
 attention module are refined), same_sign applies to N:M only, and the initial mask is chosen per
 output row: the initial scores are Wanda's, |W|, or SparseGPT's w^2 / [H^-1]_jj^2 (no weight update).
+
+By default the cycle loops follow the authors' code in its corner cases too (reached only by rows
+with fewer pruned weights of one sign than cycles, inputs of zero variance, or kept weights of zero
+contribution): a regrow candidate the row already keeps is "regrown" (its c_ij leaves e_i, the mask
+stays) while the prune still happens; kept weights of zero contribution all stand for the row's
+first prune candidate; stopped rows rewrite their next candidates. strict_swaps=True only ever swaps
+a pruned weight for a kept one and otherwise stops the row, so each row keeps its initial count
+(N of every M). A row that would read past the end of a list (theirs: an index error) stops.
 """
 import torch
 
@@ -28,7 +36,8 @@ from ..masks import nm_mask, unstructured_row_mask
 
 NAME = "dsnot"
 STATS = ("sqnorm", "moments")
-PARAMS = {"init": "wanda", "max_cycles": 50, "update_threshold": 0.1, "var_power": 1.0, "skip": "mlp", "same_sign": None}
+PARAMS = {"init": "wanda", "max_cycles": 50, "update_threshold": 0.1, "var_power": 1.0, "skip": "mlp", "same_sign": None,
+          "strict_swaps": False}
 PATTERNS = ("unstructured", "nm")
 INITS = ("wanda", "magnitude", "sparsegpt")
 SKIPS = ("mlp", "attention", "none")
@@ -52,6 +61,8 @@ def check(pattern, params: dict) -> None:
             raise WandaError(f"DSnoT {key} must be a number >= 0, got {value!r}")
     if p["same_sign"] not in (None, True, False):
         raise WandaError(f"DSnoT same_sign must be true, false or null (the authors' choice per pattern), got {p['same_sign']!r}")
+    if not isinstance(p["strict_swaps"], bool):
+        raise WandaError(f"DSnoT strict_swaps must be true or false, got {p['strict_swaps']!r}")
 
 
 def in_attention(name: str) -> bool:
@@ -74,9 +85,9 @@ def initial_score(weight, stats, init: str) -> torch.Tensor:
 
 
 def prune_matrix(weight, stats, pattern, name=None, init="wanda", max_cycles=50, update_threshold=0.1,
-                 var_power=1.0, skip="mlp", same_sign=None) -> MatrixResult:
+                 var_power=1.0, skip="mlp", same_sign=None, strict_swaps=False) -> MatrixResult:
     check(pattern, {"init": init, "max_cycles": max_cycles, "update_threshold": update_threshold,
-                    "var_power": var_power, "skip": skip, "same_sign": same_sign})
+                    "var_power": var_power, "skip": skip, "same_sign": same_sign, "strict_swaps": strict_swaps})
     score = initial_score(weight, stats, init)
     if pattern.kind == "nm":
         keep = nm_mask(score, pattern.n, pattern.m)
@@ -89,17 +100,20 @@ def prune_matrix(weight, stats, pattern, name=None, init="wanda", max_cycles=50,
     regrow_score = contrib.masked_fill(keep, 0.0)
     error = regrow_score.sum(1)  # expected output change of each row from its pruned weights
     if var_power:
-        # A constant input (zero variance) would divide by zero: its pruned weights come first.
-        regrow_score = regrow_score / stats.variance().clamp_min(torch.finfo(torch.float32).tiny).pow(var_power).unsqueeze(0)
-        regrow_score.masked_fill_(keep, 0.0)
+        var = stats.variance()
+        if strict_swaps:  # theirs: a constant input divides by zero (its kept weights' 0 / 0 sort last)
+            var = var.clamp_min(torch.finfo(torch.float32).tiny)
+        regrow_score = regrow_score / var.pow(var_power).unsqueeze(0)
+        if strict_swaps:
+            regrow_score.masked_fill_(keep, 0.0)
     regrow_order = torch.sort(regrow_score, dim=1, stable=True).indices
     if pattern.kind == "nm":
         swaps, cycles = _refine_nm(keep, contrib, error, regrow_order, score, pattern.m, max_cycles, update_threshold,
-                                   True if same_sign is None else same_sign)
+                                   True if same_sign is None else same_sign, strict_swaps)
     else:
         wanda = weight.abs() * stats.sqnorm.sqrt().unsqueeze(0)
         swaps, cycles = _refine_unstructured(keep, contrib, error, regrow_order, wanda, max_cycles, update_threshold,
-                                             bool(same_sign))
+                                             bool(same_sign), strict_swaps)
     return MatrixResult(keep=keep, info={"dsnot_swaps": swaps, "dsnot_cycles": cycles})
 
 
@@ -114,13 +128,15 @@ class _Cursor:
         self.hi = torch.full((rows,), n - 1, dtype=torch.long, device=order.device)
 
     def take(self, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(indices, whether each row still had a candidate) for rows reading at the end where `high`."""
-        left = self.lo <= self.hi
-        pos = torch.where(high, self.hi, self.lo).clamp(0, self.order.shape[1] - 1)
-        idx = self.order.gather(1, pos.unsqueeze(1)).squeeze(1)
+        """(indices, whether each row read inside its list) for rows reading at the end where `high`.
+        Once the two ends cross, a row reads again what it read from the other end (as theirs does)."""
+        n = self.order.shape[1]
+        pos = torch.where(high, self.hi, self.lo)
+        inside = (pos >= 0) & (pos < n)
+        idx = self.order.gather(1, pos.clamp(0, n - 1).unsqueeze(1)).squeeze(1)
         self.lo += (~high).long()
         self.hi -= high.long()
-        return idx, left
+        return idx, inside
 
 
 def _swap_rule(active, error, after, sign0, threshold, same_sign):
@@ -131,7 +147,21 @@ def _swap_rule(active, error, after, sign0, threshold, same_sign):
     return active
 
 
-def _refine_unstructured(keep, contrib, error, regrow_order, wanda, max_cycles, threshold, same_sign):
+def _swap(keep, error, active, written, row, p_idx, r_idx, p_val, r_val) -> int:
+    """One cycle's mask writes and error updates, in place; returns the swaps (active rows).
+
+    As the authors' code, every `written` row writes keep[p] = not active, keep[r] = active: the
+    active rows swap, the stopped ones rewrite what is normally already there. The error takes the
+    pruned weight's contribution, then gives up the regrown one: two roundings in their order, so a
+    row that ends within rounding of the threshold stops at the same cycle as theirs."""
+    keep[row[written], p_idx[written]] = ~active[written]
+    keep[row[written], r_idx[written]] = active[written]
+    error += torch.where(active, p_val, torch.zeros_like(error))
+    error -= torch.where(active, r_val, torch.zeros_like(error))
+    return int(active.sum())
+
+
+def _refine_unstructured(keep, contrib, error, regrow_order, wanda, max_cycles, threshold, same_sign, strict):
     """Swap in place on `keep`; returns (swaps, cycles run)."""
     rows = keep.shape[0]
     n_kept = int(keep[0].sum())  # the initial mask keeps the same number in every row
@@ -141,48 +171,54 @@ def _refine_unstructured(keep, contrib, error, regrow_order, wanda, max_cycles, 
     c = contrib.gather(1, kept_by_wanda)
     pos = torch.arange(n_kept, device=keep.device).expand_as(c)
     key = torch.where(c < 0, pos, torch.where(c > 0, 3 * n_kept - pos, n_kept + pos))
-    prune_order = kept_by_wanda.gather(1, torch.argsort(key, dim=1))
-    regrow, prune = _Cursor(regrow_order), _Cursor(prune_order)
+    order = torch.argsort(key, dim=1)
+    if not strict:  # their index trick sends the kept weights of zero contribution to the first kept weight
+        sorted_c = c.gather(1, order)
+        order = order.masked_fill(~((sorted_c < 0) | (sorted_c > 0)), 0)
+    prune, regrow = _Cursor(kept_by_wanda.gather(1, order)), _Cursor(regrow_order)
     sign0 = torch.sign(error)
     active = torch.ones(rows, dtype=torch.bool, device=keep.device)
+    live = active.clone()  # rows that never read past an end of a list (theirs: an index error)
     row = torch.arange(rows, device=keep.device)
     swaps = cycles = 0
     while cycles < max_cycles and bool(active.any()):
         cycles += 1
-        p_idx, p_left = prune.take(error < 0)
-        r_idx, r_left = regrow.take(error > 0)
+        r_idx, r_inside = regrow.take(error > 0)
+        p_idx, p_inside = prune.take(error < 0)
         p_val, r_val = contrib[row, p_idx], contrib[row, r_idx]
-        # A row whose candidates run out (possible only in small matrices) stops.
-        active &= p_left & r_left & keep[row, p_idx] & ~keep[row, r_idx]
+        live &= p_inside & r_inside
+        active &= live
+        if strict:  # only a pruned weight for a kept one: a row whose candidates run out stops
+            active &= keep[row, p_idx] & ~keep[row, r_idx]
         active = _swap_rule(active, error, error + p_val - r_val, sign0, threshold, same_sign)
-        keep[row[active], p_idx[active]] = False
-        keep[row[active], r_idx[active]] = True
-        error += torch.where(active, p_val - r_val, torch.zeros_like(error))
-        swaps += int(active.sum())
+        swaps += _swap(keep, error, active, active if strict else live, row, p_idx, r_idx, p_val, r_val)
     return swaps, cycles
 
 
-def _refine_nm(keep, contrib, error, regrow_order, score, m, max_cycles, threshold, same_sign):
+def _refine_nm(keep, contrib, error, regrow_order, score, m, max_cycles, threshold, same_sign, strict):
     rows = keep.shape[0]
     prunable = score.masked_fill(~keep, float("inf"))  # pruned (and, later, regrown) weights are never pruned
     regrow = _Cursor(regrow_order)
     sign0 = torch.sign(error)
     active = torch.ones(rows, dtype=torch.bool, device=keep.device)
+    live = active.clone()
     row = torch.arange(rows, device=keep.device)
     offsets = torch.arange(m, device=keep.device)
     swaps = cycles = 0
     while cycles < max_cycles and bool(active.any()):
         cycles += 1
-        r_idx, r_left = regrow.take(error > 0)
+        r_idx, r_inside = regrow.take(error > 0)
         start = r_idx - r_idx % m
         group = start.unsqueeze(1) + offsets
-        p_idx = start + prunable.gather(1, group).argmin(1)  # the group's lowest initial score; ties: lower index
+        # The group's lowest initial score, ties as torch.topk breaks them (theirs).
+        p_idx = start + torch.topk(prunable.gather(1, group), 1, dim=1, largest=False).indices.squeeze(1)
         p_val, r_val = contrib[row, p_idx], contrib[row, r_idx]
-        active &= r_left & ~keep[row, r_idx] & torch.isfinite(prunable[row, p_idx])
+        live &= r_inside
+        active &= live
+        if strict:  # only a pruned weight for a kept one: the row stops when its group has none left
+            active &= ~keep[row, r_idx] & torch.isfinite(prunable[row, p_idx])
         active = _swap_rule(active, error, error + p_val - r_val, sign0, threshold, same_sign)
-        keep[row[active], p_idx[active]] = False
-        keep[row[active], r_idx[active]] = True
-        prunable[row[active], p_idx[active]] = float("inf")
-        error += torch.where(active, p_val - r_val, torch.zeros_like(error))
-        swaps += int(active.sum())
+        written = active if strict else live
+        prunable[row[written], p_idx[written]] = float("inf")
+        swaps += _swap(keep, error, active, written, row, p_idx, r_idx, p_val, r_val)
     return swaps, cycles
