@@ -6,7 +6,7 @@ Per matrix, with H = sum x x^T over the calibration tokens:
 ADMM (B free, D on the support, V the scaled dual), from D = V = 0 projected, rho = 0.1:
   B = (B0 Hn - V + rho D) (Hn + rho I)^-1;  D = P(B + V / rho);  V += rho (B - D)
 where P keeps the largest |.| over the whole matrix (unstructured) or the N largest of every M
-inputs (N:M). (Hn + rho I)^-1 comes from one eigendecomposition of Hn per matrix. Every 3
+inputs (N:M). (Hn + rho I)^-1 comes from one eigendecomposition of Hn per input. Every 3
 iterations rho follows the support change since the last check (counted against the number of
 kept weights k): x1.3 above 10% of k, x1.2 above 0.5%, else x1.1 if rho ever grew, else (rho has
 only shrunk so far) /5 and D, V restart from the start; no change at all ends the solve once
@@ -19,6 +19,7 @@ As in the authors' alps.py `ALPS_admm`; see the module notes for where we differ
 import math
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import MatrixResult
 from ..errors import WandaError
@@ -64,6 +65,24 @@ def update_rho(rho: float, change: int, k: float, grew: bool) -> tuple[float, bo
     return (rho, grew, False, True) if grew else (rho / 5, False, False, False)
 
 
+# q/k/v (and gate/up) share one statistics tensor: one eigendecomposition serves them all. The entry
+# goes with the tensor (the engine drops a block's statistics once the block is pruned).
+_eigen_cache = WeakTensorKeyDictionary()
+
+
+def eigen(hessian: torch.Tensor, percdamp: float):
+    """(Hn, s, L, Q): normalized_hessian and the eigendecomposition of Hn (in float64; float32 out)."""
+    key = (hessian._version, percdamp)
+    cached = _eigen_cache.get(hessian)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    Hn, s = normalized_hessian(hessian, percdamp)
+    L, Q = torch.linalg.eigh(Hn)
+    value = (Hn.float(), s.float(), L.float(), Q.float())
+    _eigen_cache[hessian] = (key, value)
+    return value
+
+
 def normalized_hessian(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(Hn, s): the ridge-damped H scaled to a unit diagonal, and the column scales s."""
     H = hessian.double().clone()
@@ -76,9 +95,7 @@ def prune_matrix(weight, stats, pattern, rho=0.1, max_iter=300, update_iter=3, s
                  cg_iters=10, cg_rtol=1e-4) -> MatrixResult:
     if pattern.kind == "nm" and weight.shape[1] % pattern.m:
         raise WandaError(f"input width {weight.shape[1]} is not divisible by M={pattern.m} for an N:M pattern")
-    Hn64, s64 = normalized_hessian(stats.hessian, percdamp)
-    L, Q = (t.float() for t in torch.linalg.eigh(Hn64))  # in float64, once per matrix
-    Hn, s = Hn64.float(), s64.float()
+    Hn, s, L, Q = eigen(stats.hessian, percdamp)
     B0 = weight * s.unsqueeze(0)  # [out, in]: rows are outputs (the authors work on the transpose)
     target = B0 @ Hn  # B0 Hn: the dense solution's right-hand side
     k = B0.numel() - int(B0.numel() * pattern.sparsity) if pattern.kind == "unstructured" else B0.numel() * pattern.n / pattern.m

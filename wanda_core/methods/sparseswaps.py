@@ -24,10 +24,10 @@ from ..masks import pattern_mask
 
 NAME = "sparseswaps"
 STATS = ("hessian", "sqnorm")
-PARAMS = {"base": "wanda", "max_swaps": 100, "candidates": None}
+PARAMS = {"base": "wanda", "max_swaps": 1000, "candidates": None}
 PATTERNS = ("unstructured", "nm")
 BASES = {m.NAME: m for m in (wanda, magnitude, ria)}
-CHUNK = 1 << 22  # elements of one block of pair deltas
+CHUNK = {"cpu": 1 << 22, "cuda": 1 << 27}  # elements of one block of pair deltas (float64)
 
 
 def stats_kinds(params: dict) -> tuple[str, ...]:
@@ -79,7 +79,7 @@ def prune_matrix(weight, stats, pattern, base="wanda", max_swaps=100, candidates
 def refine(keep, W, G, c, pattern, max_swaps, candidates) -> tuple[int, int]:
     """Optimal 1-swaps in place on `keep` (c = G r for the current mask); returns (swaps, steps run).
     The rows still swapping are kept as one compact batch: a row that stops leaves it."""
-    rows = torch.arange(keep.shape[0])
+    rows = torch.arange(keep.shape[0], device=keep.device)
     sq = W * W * G.diagonal()  # w_j^2 G_jj
     w2 = 2 * W
     k = keep.clone()
@@ -116,14 +116,14 @@ def _best_pair(w, prune_cost, regrow_cost, G, candidates):
     kp = n_kept if candidates is None else min(candidates, n_kept)
     kr = cols - n_kept if candidates is None else min(candidates, cols - n_kept)
     if kp == 0 or kr == 0:
-        empty = torch.full((rows,), float("inf"), dtype=w.dtype)
-        return empty, torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long)
+        none = torch.zeros(rows, dtype=torch.long, device=w.device)
+        return torch.full((rows,), float("inf"), dtype=w.dtype, device=w.device), none, none
     a, q_idx = torch.topk(prune_cost, kp, dim=1, largest=False)
     b, p_idx = torch.topk(regrow_cost, kr, dim=1, largest=False)
     wq, wp = w.gather(1, q_idx), w.gather(1, p_idx)
-    best = torch.empty(rows, dtype=w.dtype)
-    where = torch.empty(rows, dtype=torch.long)
-    step = max(1, CHUNK // (kp * kr))
+    best = torch.empty(rows, dtype=w.dtype, device=w.device)
+    where = torch.empty(rows, dtype=torch.long, device=w.device)
+    step = max(1, CHUNK.get(w.device.type, CHUNK["cpu"]) // (kp * kr))
     for i in range(0, rows, step):
         s = slice(i, i + step)
         cross = G[p_idx[s].unsqueeze(2), q_idx[s].unsqueeze(1)]  # [rows, kr, kp]: G_pq
