@@ -186,6 +186,16 @@ def test_alps_reconstructs_better_than_sparsegpt_at_high_sparsity(pattern):
     assert ours < obs
 
 
+def test_alps_shares_an_eigendecomposition_only_while_the_statistics_are_unchanged():
+    st = _stats(_inputs())
+    first = alps.eigen(st.hessian, 0.01)
+    assert alps.eigen(st.hessian, 0.01) is first  # q/k/v: one Stats object, one eigh
+    assert alps.eigen(st.hessian.clone(), 0.01) is not first and alps.eigen(st.hessian, 0.02) is not first
+    st.hessian.add_(torch.eye(64))  # changed in place: computed again
+    again = alps.eigen(st.hessian, 0.01)
+    assert again is not first and not torch.equal(again[0], first[0])
+
+
 # ----------------------------------------------------------------------------- ADMM (Boza)
 
 def admm_reference(weight, XX, sparsity, prune_n=0, percdamp=0.1, iterative_prune=15, iters=20, per_out=False):
