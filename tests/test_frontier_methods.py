@@ -261,6 +261,21 @@ def test_admm_matches_a_transcription_of_fasterprune(pattern, per_row):
         assert int(counts.sum()) == w.numel() - int(w.numel() * 0.6) and len(set(counts.tolist())) > 1
 
 
+def test_admm_mask_chosen_once_from_the_scaled_weights():
+    """The authors' iterative_prune=0: one mask from |W| ||X|| (Wanda's score over the whole matrix), then
+    the ADMM update on it; with iters=0 too, that mask and the dense weights."""
+    w, st = _weight(), _stats(_inputs())
+    pat = parse_pattern("unstructured", 0.6)
+    expected = ~torch.zeros_like(w, dtype=torch.bool)
+    score = (w * (st.hessian.diagonal().sqrt() + 1e-8)).abs().flatten()
+    expected.view(-1)[torch.topk(score, int(w.numel() * 0.6), largest=False).indices] = False
+    once = admm.prune_matrix(w.clone(), st, pat, mask_iters=0)
+    assert torch.equal(once.keep, expected)
+    assert _error(w, once.weight, st.hessian) < _error(w, w * expected, st.hessian)
+    bare = admm.prune_matrix(w.clone(), st, pat, iters=0, mask_iters=0)
+    torch.testing.assert_close(bare.weight, w * expected)
+
+
 def test_admm_cubic_schedule():
     values = [admm.schedule(t, 0.5, 15) for t in range(15)]
     assert values[-1] == 0.5 and all(a < b for a, b in zip(values, values[1:]))
@@ -356,6 +371,7 @@ def test_sparseswaps_warm_start_is_per_row_for_any_base():
     ("alps", "2:4", {"rho": -1}, "ALPS rho must be a number > 0"),
     ("alps", "unstructured", {"cg_iters": 2.5}, "ALPS cg_iters must be a whole number >= 0"),
     ("admm", "unstructured", {"mask_iters": 30}, "must not exceed iters"),
+    ("admm", "unstructured", {"iters": -1}, "ADMM iters must be a whole number >= 0"),
     ("admm", "2:4", {"per_row": True}, "per_row applies to unstructured patterns only"),
     ("admm", "unstructured", {"gradual": "yes"}, "ADMM gradual must be"),
     ("admm", "unstructured", {"percdamp": 0}, "ADMM percdamp must be a number > 0"),

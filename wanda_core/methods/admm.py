@@ -14,6 +14,7 @@ N largest of every M and, while s_t is below the N:M sparsity, also every other 
 int(numel * s_t)-th smallest of the rest. s_t = s - s (1 - (t + 1) / mask_iters)^3 is the cubic
 schedule; the authors' whole-matrix branch computes it but chooses at the full sparsity from the
 first iteration (gradual=None keeps each branch as the authors have it; true/false forces it).
+mask_iters 0 chooses one mask from |W0| before the iterations (iters 0 as well: that mask, no update).
 """
 import math
 
@@ -33,8 +34,8 @@ def check(pattern, params: dict) -> None:
     p = {**PARAMS, **params}
     for key in ("iters", "mask_iters"):
         value = p[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise WandaError(f"ADMM {key} must be a whole number >= 1, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise WandaError(f"ADMM {key} must be a whole number >= 0, got {value!r}")
     if p["mask_iters"] > p["iters"]:
         raise WandaError(f"ADMM mask_iters ({p['mask_iters']}) must not exceed iters ({p['iters']})")
     for key in ("percdamp", "rho"):
@@ -83,7 +84,8 @@ def prune_matrix(weight, stats, pattern, iters=20, mask_iters=15, percdamp=0.1, 
     W = weight * s.float().unsqueeze(0)
     U = torch.zeros_like(W)
     gradual = (pattern.kind == "nm" or per_row) if gradual is None else gradual
-    keep = None
+    # mask_iters 0: one mask from |W0| (Wanda's score) before the iterations, as the authors' code allows
+    keep = choose_mask(W, pattern, pattern.sparsity, per_row) if mask_iters == 0 else None
     for t in range(iters):
         if t < mask_iters:
             current = schedule(t, pattern.sparsity, mask_iters) if gradual else pattern.sparsity
