@@ -354,6 +354,15 @@ def test_sparseswaps_ends_one_swap_optimal(pattern):
                 assert _swap_delta(w[i].double(), keep, G, p, q) >= -1e-9 * float(errors[i]), (i, p, q)
 
 
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparseswaps_rows_in_chunks_give_the_same_mask(pattern, monkeypatch):
+    w, st = _weight(out=12, d=32), _stats(_inputs(d=32))
+    pat = parse_pattern(pattern, 0.6 if pattern == "unstructured" else None)
+    whole = sparseswaps.prune_matrix(w.clone(), st, pat)
+    monkeypatch.setattr(sparseswaps, "CHUNK", {"cpu": 200})  # a few rows per block of deltas
+    assert torch.equal(sparseswaps.prune_matrix(w.clone(), st, pat).keep, whole.keep)
+
+
 def test_sparseswaps_warm_start_is_per_row_for_any_base():
     w, st = _weight(), _stats(_inputs())
     pat = parse_pattern("unstructured", 0.5)

@@ -139,11 +139,16 @@ def _best_in_groups(w, prune_cost, regrow_cost, G, m):
     """Per row, the (pruned p, kept q) pair of lowest delta inside one group of M inputs."""
     rows, cols = w.shape
     groups = cols // m
-    blocks = G.reshape(groups, m, groups, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [groups, m, m]
-    wg = w.reshape(rows, groups, m)
-    # delta[row, group, p, q] = b_p + a_q - 2 w_p w_q G_pq  (inf unless p is pruned and q is kept)
-    delta = (regrow_cost.reshape(rows, groups, m, 1) + prune_cost.reshape(rows, groups, 1, m)
-             - 2 * wg.unsqueeze(3) * wg.unsqueeze(2) * blocks)
-    best, where = delta.flatten(1).min(1)
+    blocks = G.reshape(groups, m, groups, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [groups, m, m]: G_pq
+    best = torch.empty(rows, dtype=w.dtype, device=w.device)
+    where = torch.empty(rows, dtype=torch.long, device=w.device)
+    step = max(1, CHUNK.get(w.device.type, CHUNK["cpu"]) // (cols * m))
+    for i in range(0, rows, step):
+        s = slice(i, i + step)
+        wg = w[s].reshape(-1, groups, m)
+        # delta[row, group, p, q] = b_p + a_q - 2 w_p w_q G_pq  (inf unless p is pruned and q is kept)
+        delta = (regrow_cost[s].reshape(-1, groups, m, 1) + prune_cost[s].reshape(-1, groups, 1, m)
+                 - 2 * wg.unsqueeze(3) * wg.unsqueeze(2) * blocks)
+        best[s], where[s] = delta.flatten(1).min(1)
     group, pair = where // (m * m), where % (m * m)
     return best, group * m + pair // m, group * m + pair % m
