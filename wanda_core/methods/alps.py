@@ -3,7 +3,7 @@
 Per matrix, with H = sum x x^T over the calibration tokens:
   H += percdamp * mean(diag H) * I;  s = sqrt(diag H) + 1e-8;  Hn = H / (s s^T)   (ridge, then unit diagonal)
   B0 = W * s (columns scaled);  the objective is tr((B - B0) Hn (B - B0)^T) under the support constraint.
-ADMM (B free, D on the support, V the scaled dual), from D = V = 0 projected, rho = 0.1:
+ADMM (B free, D on the support, V the dual), from D = P(B0), V = 0, rho = 0.1:
   B = (B0 Hn - V + rho D) (Hn + rho I)^-1;  D = P(B + V / rho);  V += rho (B - D)
 where P keeps the largest |.| over the whole matrix (unstructured) or the N largest of every M
 inputs (N:M). (Hn + rho I)^-1 comes from one eigendecomposition of Hn per input. Every 3
@@ -12,9 +12,9 @@ kept weights k): x1.3 above 10% of k, x1.2 above 0.5%, else x1.1 if rho ever gre
 only shrunk so far) /5 and D, V restart from the start; no change at all ends the solve once
 rho has grown. rho is capped at 1e6, and after 30 iterations a change below 0.0003 of k ends it;
 300 iterations at most. The support is then P(B), and the kept weights are re-fitted on it by 10
-iterations of conjugate gradient on Hn B^T = (B0 Hn)^T restricted to the support (no
-preconditioner; the authors' stop test on the unrestricted residual never fires before 10).
-As in the authors' alps.py `ALPS_admm`; see the module notes for where we differ.
+iterations of conjugate gradient on B Hn = B0 Hn restricted to the support (no preconditioner;
+the authors' stop test looks at the unrestricted residual, which on a support stays far above it).
+As in the authors' alps.py `ALPS_admm`; docs/methods.md says where we differ.
 """
 import math
 
