@@ -47,7 +47,8 @@ def check(pattern, params: dict) -> None:
     if p["per_row"] and pattern.kind == "nm":
         raise WandaError("ADMM per_row applies to unstructured patterns only")
     if p["gradual"] not in (None, True, False):
-        raise WandaError(f"ADMM gradual must be true, false or null (the authors' choice per branch), got {p['gradual']!r}")
+        raise WandaError(f"ADMM gradual must be true, false or null (the authors' choice per branch), "
+                         f"got {p['gradual']!r}")
 
 
 def schedule(t: int, sparsity: float, mask_iters: int) -> float:

@@ -98,7 +98,8 @@ def prune_matrix(weight, stats, pattern, rho=0.1, max_iter=300, update_iter=3, s
     Hn, s, L, Q = eigen(stats.hessian, percdamp)
     B0 = weight * s.unsqueeze(0)  # [out, in]: rows are outputs (the authors work on the transpose)
     target = B0 @ Hn  # B0 Hn: the dense solution's right-hand side
-    k = B0.numel() - int(B0.numel() * pattern.sparsity) if pattern.kind == "unstructured" else B0.numel() * pattern.n / pattern.m
+    numel = B0.numel()  # k: the weights kept
+    k = numel - int(numel * pattern.sparsity) if pattern.kind == "unstructured" else numel * pattern.n / pattern.m
 
     def inverse(r):  # (Hn + r I)^-1 from the eigendecomposition
         return (Q / (L + r)) @ Q.t()
