@@ -64,17 +64,17 @@ def tiny_sources(tmp_path_factory):
 
 def test_dry_run_grid_sizes(tmp_path):
     demo = job_counts(smk(tmp_path / "demo", ROOT / "config" / "config.yaml", "-n"))
-    # SmolLM2: magnitude (2 patterns + three_tier's sparsity), wanda (3 patterns + three_tier's), sparsegpt and
-    # ria (2 patterns each), owl, dsnot, three_tier: 14 prunes; Gemma runs its subset: wanda at 3 patterns.
-    # Dense needs no pruning; perplexity and the offline pydoc_cloze task for each of the 15 + 4 models.
-    assert demo == {"materialize_model": 2, "prepare_dataset": 2, "calibrate": 2, "prune": 17, "perplexity": 19,
-                    "zeroshot": 19, "aggregate": 1, "all": 1}
+    # SmolLM2: magnitude (2 patterns + three_tier's sparsity), wanda (3 patterns + three_tier's), sparsegpt (3),
+    # alps (2), ria (2), owl, dsnot, three_tier: 17 prunes; Gemma runs its subset: wanda at 3 patterns.
+    # Dense needs no pruning; perplexity and the offline pydoc_cloze task for each of the 18 + 4 models.
+    assert demo == {"materialize_model": 2, "prepare_dataset": 2, "calibrate": 2, "prune": 20, "perplexity": 22,
+                    "zeroshot": 22, "aggregate": 1, "all": 1}
     paper = job_counts(smk(tmp_path / "paper", ROOT / "config" / "paper.yaml", "-n"))
-    # 15 models (LLaMA-1, LLaMA-2, OPT) x 24 prunes: magnitude 3 patterns + three_tier's sparsity, wanda 5 + 1,
-    # sparsegpt 3 + 1, ria 3, owl 3, dsnot 3, three_tier; + dense for evaluation; the 7 zero-shot tasks for each
-    # of the 375 (pruned) models.
-    assert paper == {"materialize_model": 15, "prepare_dataset": 2, "calibrate": 15, "prune": 360,
-                     "perplexity": 375, "zeroshot": 375 * 7, "aggregate": 1, "all": 1}
+    # 15 models (LLaMA-1, LLaMA-2, OPT) x 38 prunes: magnitude 3 patterns + three_tier's sparsity, wanda 5 + 1,
+    # sparsegpt 5 + 1, ria 3, owl 3, dsnot 3, alps 4, admm 4, sparseswaps 4, three_tier; + dense for evaluation;
+    # the 7 zero-shot tasks for each of the 585 (pruned) models.
+    assert paper == {"materialize_model": 15, "prepare_dataset": 2, "calibrate": 15, "prune": 570,
+                     "perplexity": 585, "zeroshot": 585 * 7, "aggregate": 1, "all": 1}
 
 def test_dry_run_seed_axis(tmp_path):
     """Each calibration seed is one more calibration and one more prune and evaluation of each calibrated method."""
@@ -83,10 +83,10 @@ def test_dry_run_seed_axis(tmp_path):
     config["evals"]["zeroshot"]["tasks"] = []
     config["calibration"]["seeds"] = [0, 1, 2]
     proc = smk(tmp_path, config, "-n")
-    # Per seed: wanda (3 patterns + three_tier's sparsity), sparsegpt and ria (2 each), owl, dsnot and three_tier;
-    # magnitude (3) and dense once.
-    assert job_counts(proc) == {"materialize_model": 1, "prepare_dataset": 2, "calibrate": 3, "prune": 3 + 3 * 11,
-                                "perplexity": 4 + 3 * 11, "aggregate": 1, "all": 1}
+    # Per seed: wanda (3 patterns + three_tier's sparsity), sparsegpt (3), alps and ria (2 each), owl, dsnot and
+    # three_tier; magnitude (3) and dense once.
+    assert job_counts(proc) == {"materialize_model": 1, "prepare_dataset": 2, "calibrate": 3, "prune": 3 + 3 * 14,
+                                "perplexity": 4 + 3 * 14, "aggregate": 1, "all": 1}
     assert job_seeds(proc) == {"noseed", "seed0", "seed1", "seed2"}
     # The older single seed still reads as one seed.
     del config["calibration"]["seeds"]

@@ -99,10 +99,10 @@ class MatrixResult:
     info: dict = field(default_factory=dict)  # extra per-matrix figures (e.g. tier counts)
 
 
-from . import block, block_topk, dense, dsnot, hybrid_nm, magnitude, owl, ria, sparsegpt, three_tier, wanda  # noqa: E402
+from . import admm, alps, block, block_topk, dense, dsnot, hybrid_nm, magnitude, owl, ria, sparsegpt, sparseswaps, three_tier, wanda  # noqa: E402
 
 METHODS = {m.NAME: m for m in (dense, magnitude, wanda, sparsegpt, three_tier, block, block_topk, hybrid_nm,
-                               ria, owl, dsnot)}
+                               ria, owl, dsnot, alps, admm, sparseswaps)}
 
 
 def register(module) -> None:
