@@ -53,12 +53,18 @@ def published_protocol(block: dict) -> dict:
     given = block.get("protocol") or {}
     evaluation = given.get("eval", UNKNOWN)
     calibration = given.get("calibration", UNKNOWN)
+    zeroshot = given.get("zeroshot", UNKNOWN)
     out = {"eval_seqlen": UNKNOWN, "eval_windows": UNKNOWN, "calibration_dataset": UNKNOWN,
            "calibration_sampler": UNKNOWN, "calibration_nsamples": UNKNOWN, "calibration_seqlen": UNKNOWN,
+           "lm_eval": UNKNOWN, "task_versions": UNKNOWN,
            "seeds": given.get("seeds", UNKNOWN), "protocol_from": given.get("from", "")}
+    if isinstance(zeroshot, dict):
+        out.update(lm_eval=zeroshot.get("lm_eval", UNKNOWN), task_versions=zeroshot.get("task_versions", UNKNOWN))
     if isinstance(evaluation, dict):
         out.update(eval_seqlen=evaluation.get("seqlen", UNKNOWN), eval_windows=evaluation.get("windows", UNKNOWN))
-    elif not is_unknown(evaluation):
+    elif is_unknown(evaluation):
+        out["eval_seqlen"] = evaluation or UNKNOWN  # with its note, if any: 'unknown (2048 inferred from ...)'
+    else:
         raise WandaError(f"published block {block.get('source')!r}: protocol.eval must be a mapping or 'unknown'")
     if isinstance(calibration, dict):
         for key in ("dataset", "sampler", "nsamples", "seqlen"):
@@ -72,14 +78,25 @@ def _windows_text(windows) -> str:
     return "the whole test set" if windows == "all" else f"{windows} windows"
 
 
-def describe(p: dict) -> str:
-    """A protocol in a few words: 'eval 4096 tokens, the whole test set; calibration c4 128 x 4096 (c4_documents); 1 seed'."""
-    if is_unknown(p.get("eval_seqlen")) and is_unknown(p.get("calibration_nsamples")):
-        return "unknown"
+def _versions_text(versions) -> str:
+    return ", ".join(f"{task} {v}" for task, v in versions.items()) if isinstance(versions, dict) else str(versions)
+
+
+def describe(p: dict, zeroshot: bool = False) -> str:
+    """A protocol in a few words: 'eval 4096 tokens, the whole test set; calibration c4 128 x 4096 (c4_documents); 1 seed'
+    (zero-shot: 'lm-eval 0.4.13, task versions boolq 2.0, ...' in place of the evaluation length)."""
+    first = ("lm_eval", "task_versions") if zeroshot else ("eval_seqlen",)
+    if all(is_unknown(p.get(k)) for k in first) and is_unknown(p.get("calibration_nsamples")):
+        note = p.get(first[0])
+        return note.strip() if isinstance(note, str) and note.strip() else UNKNOWN
     parts = []
-    seqlen = p.get("eval_seqlen")
-    parts.append(f"eval {seqlen}" + ("" if is_unknown(seqlen) else " tokens")
-                 + ("" if is_unknown(p.get("eval_windows")) else f", {_windows_text(p['eval_windows'])}"))
+    if zeroshot:
+        parts.append(f"lm-eval {p.get('lm_eval')}" + ("" if is_unknown(p.get("task_versions"))
+                                                      else f", task versions {_versions_text(p['task_versions'])}"))
+    else:
+        seqlen = p.get("eval_seqlen")
+        parts.append(f"eval {seqlen}" + ("" if is_unknown(seqlen) else " tokens")
+                     + ("" if is_unknown(p.get("eval_windows")) else f", {_windows_text(p['eval_windows'])}"))
     if p.get("calibration_nsamples") is not None:
         if is_unknown(p.get("calibration_nsamples")):
             parts.append("calibration unknown")
@@ -92,13 +109,13 @@ def describe(p: dict) -> str:
     return "; ".join(parts)
 
 
-def differences(ours: dict, published: dict, calibrated: bool = True) -> list[str]:
+def differences(ours: dict, published: dict, calibrated: bool = True, zeroshot: bool = False) -> list[str]:
     """What keeps a published figure from being set beside ours: each field that differs or that either
     side does not state ('published at 4096, ours at 2048'). [] when the protocols agree.
 
-    Compared: the evaluation length and window count, and (for methods that calibrate) the calibration
-    set, sampler, sample count and length. Not compared: the seeds (a mean over 5 seeds and one seed
-    estimate the same thing; both are shown).
+    Compared: the evaluation length and window count (zero-shot: the lm-eval version and each task's
+    version), and for methods that calibrate the calibration set, sampler, sample count and length.
+    Not compared: the seeds (a mean over 5 seeds and one seed estimate the same thing; both are shown).
     """
     out = []
 
@@ -112,12 +129,25 @@ def differences(ours: dict, published: dict, calibrated: bool = True) -> list[st
         elif str(theirs) != str(mine):
             out.append(f"{name}: published {show(theirs)}, ours {show(mine)}")
 
-    theirs, mine = published.get("eval_seqlen"), ours.get("eval_seqlen")
-    if not is_unknown(theirs) and not is_unknown(mine) and str(theirs) != str(mine):
-        out.append(f"published at {theirs}, ours at {mine}")  # the usual one, said plainly
+    if zeroshot:
+        check("lm_eval", "lm-eval")
+        theirs, mine = published.get("task_versions"), ours.get("task_versions")
+        if is_unknown(theirs):
+            out.append("published task versions unknown")
+        elif is_unknown(mine):
+            out.append("our task versions unknown")
+        else:
+            mine = {t: str(v) for t, v in mine.items()}
+            theirs = {t: str(v) for t, v in theirs.items()}
+            if {t: theirs.get(t) for t in mine} != mine:
+                out.append(f"task versions: published {_versions_text(theirs)}, ours {_versions_text(mine)}")
     else:
-        check("eval_seqlen", "eval length")
-    check("eval_windows", "eval windows", _windows_text)
+        theirs, mine = published.get("eval_seqlen"), ours.get("eval_seqlen")
+        if not is_unknown(theirs) and not is_unknown(mine) and str(theirs) != str(mine):
+            out.append(f"published at {theirs}, ours at {mine}")  # the usual one, said plainly
+        else:
+            check("eval_seqlen", "eval length")
+        check("eval_windows", "eval windows", _windows_text)
     if calibrated:
         if is_unknown(published.get("calibration_nsamples")) and is_unknown(published.get("calibration_seqlen")):
             out.append("published calibration unknown")
