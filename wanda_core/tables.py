@@ -364,7 +364,7 @@ def perplexity_captions(df: pd.DataFrame, published: pd.DataFrame, config: dict)
 
 
 def zeroshot_caption(df: pd.DataFrame) -> str:
-    """The zero-shot protocol: lm-eval's version and each task's, shots, example limit."""
+    """The zero-shot protocol: lm-eval's version, 0-shot, each task's version (as recorded in the rows)."""
     d = df[df["metric"] == "acc"] if len(df) and "metric" in df else pd.DataFrame()
     if not len(d):
         return ""
