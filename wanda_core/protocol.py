@@ -48,8 +48,8 @@ def is_unknown(value) -> bool:
 
 def published_protocol(block: dict) -> dict:
     """The protocol of a published.yaml block, flat: eval_seqlen, eval_windows, calibration_dataset,
-    calibration_sampler, calibration_nsamples, calibration_seqlen, seeds, source_of_protocol;
-    what the block does not state is 'unknown'."""
+    calibration_sampler, calibration_nsamples, calibration_seqlen, lm_eval, task_versions, seeds and
+    protocol_from (where it was read); what the block does not state is 'unknown'."""
     given = block.get("protocol") or {}
     evaluation = given.get("eval", UNKNOWN)
     calibration = given.get("calibration", UNKNOWN)

@@ -490,7 +490,9 @@ def published_delta(ppl: pd.DataFrame, zeroshot: pd.DataFrame, published: pd.Dat
                        & (ours["method_label"] == label)]
             cell = hit.iloc[0] if len(hit) else {"value": None, "std": None, "n": 0, "failed": 0}
             mine = cell_protocol(_our_rows(df, r["model"], method, column, label, r["dataset"]))
-            why = protocol.differences(mine, r, grid.needs_calibration(config, method), zeroshot=zs)
+            calibrated = grid.needs_calibration(config, method)
+            why = protocol.differences(mine, r, calibrated, zeroshot=zs)
+            shown = [p if calibrated else {**p, "calibration_nsamples": None} for p in (r, mine)]  # dense: none to show
             value = None if why or cell["value"] is None or pd.isna(cell["value"]) else float(cell["value"])
             mspec = config["models"][r["model"]]
             std = _known(r.get("std"))
@@ -502,7 +504,7 @@ def published_delta(ppl: pd.DataFrame, zeroshot: pd.DataFrame, published: pd.Dat
                 "difference": value - r["value"] if value is not None else None,
                 "relative": (value - r["value"]) / r["value"] if value is not None and r["value"] else None,
                 "compared": not why, "comparison": "not compared: " + "; ".join(why) if why else "same protocol",
-                "protocol": protocol.describe(r, zs), "our_protocol": protocol.describe(mine, zs),
+                "protocol": protocol.describe(shown[0], zs), "our_protocol": protocol.describe(shown[1], zs),
                 "protocol_from": r.get("protocol_from") or "",
             })
     return pd.DataFrame(rows, columns=["metric", "group", "model", "method", "pattern", "ours", "std", "n", "failed",
