@@ -121,13 +121,21 @@ def long_table(ppl_files: list[str], report_files: list[str], config: dict, zero
                             task_version=_known(result.get("task_version")), num_fewshot=_known(result.get("num_fewshot"))))
     df = pd.DataFrame(rows)
     if len(df):
-        df["seed"] = df["seed"].astype("Int64")  # NA for runs without calibration (dense, magnitude)
+        # Counts stay integers; NA where there is none (no calibration: dense, magnitude; zero-shot: no windows).
+        for column in ("seed", "calibration_nsamples", "calibration_seqlen", "eval_seqlen", "eval_windows", "eval_tokens",
+                       "eval_text_tokens"):
+            if column in df:
+                df[column] = df[column].astype("Int64")
     return df
 
 
 def _known(value):
-    """A recorded value, or None where the result file has none (older results: NaN in its column)."""
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+    """A recorded value, or None where there is none (older results: NaN in its column; NA in an Int64 one)."""
+    try:
+        missing = value is None or bool(pd.isna(value))
+    except (TypeError, ValueError):  # a list or mapping: recorded
+        missing = False
+    return None if missing else value
 
 
 def _int(value) -> int | None:
