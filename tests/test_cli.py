@@ -95,6 +95,9 @@ def bad_inputs(tmp_path_factory):
     ("seqlen > corpus", ["calibrate", "--model", "{tiny}", "--data", "{bad}/short.txt", "--seqlen", "64"], "too few for windows of seqlen=64"),
     ("nsamples 0", ["calibrate", "--model", "{tiny}", "--data", "{corpus}", "--nsamples", "0"], "nsamples must be at least 1"),
     ("seqlen > model", ["eval-ppl", "--model", "{tiny}", "--data", "{corpus}", "--seqlen", "4096"], "longer than the model supports (512)"),
+    ("bad seqlen", ["calibrate", "--model", "{tiny}", "--data", "{corpus}", "--seqlen", "long"], "seqlen needs a number of tokens or 'model'"),
+    ("planned length not the model's", ["eval-ppl", "--model", "{tiny}", "--data", "{corpus}", "--seqlen", "model", "--expect-seqlen", "4096"],
+     "--seqlen model gives 512 tokens for model"),
 ])
 def test_bad_input_one_error_line_no_output(case, args, message, tmp_path, tiny_dir, corpus, bad_inputs):
     out = tmp_path / "out" / "result.safetensors"
@@ -107,6 +110,28 @@ def test_bad_input_one_error_line_no_output(case, args, message, tmp_path, tiny_
     assert len(errors) == 1 and message in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_seqlen_model_is_the_models_context_length(tmp_path, tiny_dir, corpus):
+    """--seqlen model: the model's max_position_embeddings (512 here), at most --seqlen-cap; recorded with its rule."""
+    calib = tmp_path / "calib.safetensors"
+    assert run("calibrate", "--model", tiny_dir, "--data", corpus, "--nsamples", 2, "--seqlen", "model", "--out", calib) == 0
+    windows, meta = wc.load_windows(calib, with_metadata=True)
+    assert windows.shape == (2, 512) and meta["seqlen"] == "512" and meta["seqlen_rule"] == "model"
+    assert meta["max_position_embeddings"] == "512"
+    assert run("calibrate", "--model", tiny_dir, "--data", corpus, "--nsamples", 2, "--seqlen", "model", "--seqlen-cap", 96,
+               "--expect-seqlen", 96, "--out", calib) == 0
+    assert wc.load_windows(calib).shape == (2, 96)
+
+    out = tmp_path / "ppl.json"
+    assert run("eval-ppl", "--model", tiny_dir, "--data", corpus, "--seqlen", "model", "--seqlen-cap", 128,
+               "--max-windows", 3, "--out", out, "--quiet") == 0
+    result = json.loads(out.read_text())
+    assert (result["seqlen"], result["seqlen_rule"], result["max_position_embeddings"]) == (128, "model", 512)
+    assert result["windows"] == 3 and result["tokens"] == 3 * 128 and result["text_tokens"] > 3 * 128
+    assert run("eval-ppl", "--model", tiny_dir, "--data", corpus, "--seqlen", 64, "--out", out, "--quiet") == 0
+    result = json.loads(out.read_text())  # every whole window of the text, the tail dropped
+    assert result["seqlen_rule"] == "fixed" and result["windows"] == result["text_tokens"] // 64
 
 
 @pytest.fixture(scope="module")

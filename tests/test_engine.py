@@ -6,7 +6,7 @@ import torch
 
 import wanda_core as wc
 from tiny_models import tiny_input_ids, tiny_model
-from wanda_core import engine
+from wanda_core import engine, memory
 
 
 def _bytes(tensors) -> int:
@@ -139,3 +139,45 @@ def _unshared_hooks(targets, stats, kinds, chunk=0, prune=None):
         stats[name].add(args[0].detach(), kinds)
 
     return [t.module.register_forward_pre_hook(lambda m, a, name=t.name: hook(m, a, name)) for t in targets]
+
+
+# --- memory at 4096: what the engine allocates, and LLaMA-2-70B at 128 x 4096 ---
+
+# LLaMA-2-70B's proportions at a CPU's scale: intermediate 3.5 x hidden, 8 query heads per KV head.
+LLAMA2_70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+                  vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False)
+SCALED_70B = dict(hidden_size=128, intermediate_size=448, num_attention_heads=8, num_key_value_heads=1, head_dim=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_memory_account_is_what_the_engine_allocates(method, dtype):
+    """wanda_core.memory's account of a block's peak (activations, statistics, the largest phase) against every
+    byte the real engine allocates while it prunes a model with LLaMA-2-70B's proportions. The weights were
+    there before; that only one block of them is ever on the device is the test above."""
+    model = tiny_model("llama", num_hidden_layers=2, max_position_embeddings=1024, **SCALED_70B).to(dtype)
+    calibration = tiny_input_ids(batch=8, seq=256)
+    peak = memory.allocated_peak(lambda: wc.prune(model, method, "unstructured", 0.5, calibration, batch_size=4, progress=False))
+    account = memory.prune_account(model.config, 8, 256, method, batch_size=4, dtype_bytes=dtype.itemsize)
+    allocated = account["peak"] - account["outside_weights"] - account["block_weights"]
+    assert allocated == pytest.approx(peak, rel=0.01), account
+
+
+def test_a_llama2_70b_block_at_4096_fits_an_80gb_gpu():
+    """128 x 4096 calibration tokens of LLaMA-2-70B in fp16, batches of 8: the account at its real shapes (its
+    weights counted on the meta device) is within an 80 GB GPU with room to spare, without offloading the
+    activations; the engine's own rule (offload when they exceed 40% of the free memory) keeps them there."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(num_hidden_layers=1, **LLAMA2_70B)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    block = sum(p.numel() for p in model.model.layers[0].parameters())
+    budget = 80 * 10**9
+    for method in ("wanda", "sparsegpt"):
+        account = memory.prune_account(config, 128, 4096, method, batch_size=8, dtype_bytes=2)
+        assert account["block_weights"] == 2 * block  # the account's shapes are the model's
+        assert account["outside_weights"] == 2 * (sum(p.numel() for p in model.parameters()) - block)
+        assert account["activations"] == pytest.approx(128 * 4096 * 8192 * 2, rel=1e-3)  # 8.6 GB, one copy in fp16
+        assert account["activations"] < 0.4 * budget  # not offloaded
+        assert account["peak"] < 0.5 * budget, account  # half the GPU: CUDA's context, caches and workspaces fit beside

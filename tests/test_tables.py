@@ -35,9 +35,11 @@ class Results:
     def __init__(self, root):
         self.root, self.ppl, self.reports, self.zeroshot, self.layers = root / "results", [], [], [], []
 
-    def ppl_run(self, method, pattern, seed, value, sparsity=None, status="ok", dataset="wikitext2", target=None):
+    def ppl_run(self, method, pattern, seed, value, sparsity=None, status="ok", dataset="wikitext2", target=None, seqlen=64):
         path = self.root / "ppl" / "m" / method / pattern / seed / f"{dataset}.parquet"
-        io.write_table([{"perplexity": value, "status": status, "seconds": 1.0}], path)
+        # What eval-ppl records of its protocol: every whole window of a 650-token text.
+        io.write_table([{"perplexity": value, "status": status, "seconds": 1.0, "seqlen": seqlen, "seqlen_rule": "fixed",
+                         "windows": 650 // seqlen, "tokens": 650 // seqlen * seqlen, "text_tokens": 650}], path)
         self.ppl.append(str(path))
         if method != "dense":
             self.report(method, pattern, seed, sparsity, target)
@@ -45,7 +47,9 @@ class Results:
     def report(self, method, pattern, seed, sparsity, target=None):
         path = self.root / "pruned" / "m" / method / pattern / f"{seed}.json"
         if str(path) not in self.reports:
-            io.write_json({"sparsity": sparsity, "target_sparsity": target, "seconds": 2.0, "params": {}}, path)
+            calibration = None if seed == "noseed" else {"nsamples": "2", "seqlen": "8", "sampler": "stream", "seed": seed[4:]}
+            io.write_json({"sparsity": sparsity, "target_sparsity": target, "seconds": 2.0, "params": {},
+                           "calibration": calibration}, path)
             self.reports.append(str(path))
             layers = path.with_name(f"{seed}.layers.parquet")
             io.write_table([{"layer": f"model.layers.{b}.mlp.{k}", "block": b, "rows": 4, "cols": 8,
@@ -55,8 +59,8 @@ class Results:
 
     def zeroshot_run(self, method, pattern, seed, accs: dict, sparsity=0.0):
         path = self.root / "zeroshot" / "m" / method / pattern / seed / "tasks.parquet"
-        rows = [{"task": t, "metric": metric, "value": v, "stderr": 0.01, "n": 100, "status": "ok"}
-                for t, v in accs.items() for metric in ("acc", "acc_norm")]
+        rows = [{"task": t, "metric": metric, "value": v, "stderr": 0.01, "n": 100, "status": "ok", "lm_eval": "0.4.13",
+                 "task_version": "2.0" if t == "boolq" else "1.0"} for t, v in accs.items() for metric in ("acc", "acc_norm")]
         io.write_table(rows, path)
         self.zeroshot.append(str(path))
         if method != "dense":
@@ -188,13 +192,16 @@ def write_published(tmp_path, blocks) -> str:
 
 
 def test_published_rows_and_delta(tmp_path):
+    calibration = {"dataset": "c", "sampler": "stream", "nsamples": 2, "seqlen": 8}
     published = write_published(tmp_path, [
         {"source": "Paper A", "dataset": "wikitext2",
+         "protocol": {"eval": {"seqlen": 64, "windows": "all"}, "calibration": calibration, "seeds": 1},
          "rows": [{"model": "m", "method": "dense", "pattern": "none", "value": 19.5},
                   {"model": "m", "method": "wanda", "pattern": "unstructured-0.5", "value": 32.0},
                   {"model": "m", "method": "wanda", "pattern": "4-8", "value": 50.0},  # not in our grid
                   {"model": "other", "method": "wanda", "pattern": "2-4", "value": 9.0}]},  # not our model
         {"source": "Paper B", "dataset": "zeroshot-mean",
+         "protocol": {"zeroshot": {"lm_eval": "0.4.13", "task_versions": {"boolq": "2.0", "rte": "1.0"}}, "calibration": calibration},
          "rows": [{"model": "m", "method": "wanda", "pattern": "unstructured-0.5", "value": 55.5}]},
     ])
     config = make_config(published=published)
@@ -225,8 +232,9 @@ def test_published_rows_and_delta(tmp_path):
     assert delta.loc[("zero-shot mean accuracy (%)", "Wanda"), "difference"] == pytest.approx(4.5)
     assert len(delta) == 3
     shown = md_table((tmp_path / "results" / "out-published_table.md").read_text(), "Ours against published figures")
-    assert shown.loc["Wanda"].values.tolist()[0] == ["WikiText-2 perplexity", "G", "Model", "Wanda", "unstructured 50%",
-                                                     "33.00", "32.00", "Paper A", "+1.00", "+3.1%"]
+    assert shown.loc["Wanda"].values.tolist()[0] == [
+        "WikiText-2 perplexity", "G", "Model", "Wanda", "unstructured 50%", "33.00", "32.00", "Paper A", "+1.00", "+3.1%",
+        "eval 64 tokens, the whole test set; calibration c 2 x 8 (stream); 1 seed", "same protocol"]
     assert "<h2>Ours against published figures</h2>" in (tmp_path / "results" / "out-published_html.html").read_text()
 
 

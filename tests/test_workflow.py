@@ -69,12 +69,53 @@ def test_dry_run_grid_sizes(tmp_path):
     # Dense needs no pruning; perplexity and the offline pydoc_cloze task for each of the 18 + 4 models.
     assert demo == {"materialize_model": 2, "prepare_dataset": 2, "calibrate": 2, "prune": 20, "perplexity": 22,
                     "zeroshot": 22, "aggregate": 1, "all": 1}
-    paper = job_counts(smk(tmp_path / "paper", ROOT / "config" / "paper.yaml", "-n"))
+    proc = smk(tmp_path / "paper", ROOT / "config" / "paper.yaml", "-n", "-p")  # offline: no Hub needed to plan
+    paper = job_counts(proc)
     # 15 models (LLaMA-1, LLaMA-2, OPT) x 38 prunes: magnitude 3 patterns + three_tier's sparsity, wanda 5 + 1,
     # sparsegpt 5 + 1, ria 3, owl 3, dsnot 3, alps 4, admm 4, sparseswaps 4, three_tier; + dense for evaluation;
     # the 7 zero-shot tasks for each of the 585 (pruned) models.
     assert paper == {"materialize_model": 15, "prepare_dataset": 2, "calibrate": 15, "prune": 570,
                      "perplexity": 585, "zeroshot": 585 * 7, "aggregate": 1, "all": 1}
+    # Each model at its own length (the Wanda code's rule): LLaMA-2 at 4096, LLaMA-1 and OPT at 2048.
+    lengths = planned_lengths(proc)
+    assert set(lengths["calibrate"]) == set(lengths["perplexity"]) == set(yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())["models"])
+    for stage in ("calibrate", "perplexity"):
+        assert {m: n for m, n in lengths[stage].items() if n == 4096} == {m: 4096 for m in ("llama2-7b", "llama2-13b", "llama2-70b")}
+        assert all(n == 2048 for m, n in lengths[stage].items() if not m.startswith("llama2"))
+
+
+def planned_lengths(proc) -> dict:
+    """{'calibrate' | 'perplexity': {model: tokens per window}} from a dry run with -p: the calibration file's name and
+    the length each evaluation command checks (--expect-seqlen, or a plain --seqlen)."""
+    text = proc.stdout + proc.stderr
+    out = {"calibrate": {}, "perplexity": {}}
+    for model, n in re.findall(r"results/calibration/([\w.-]+)/\w+_n\d+_len(\d+)_seed\d+\.safetensors", text):
+        out["calibrate"][model] = int(n)
+    for line in text.splitlines():
+        m = re.search(r"eval-ppl --model resources/models/([\w.-]+) .*--seqlen (?:model .*--expect-seqlen )?(\d+)", line)
+        if m:
+            assert out["perplexity"].setdefault(m.group(1), int(m.group(2))) == int(m.group(2)), line
+    return out
+
+
+def test_dry_run_plans_each_models_own_length(tmp_path):
+    """seqlen: model: a LLaMA-2-shaped tiny model (max_position_embeddings 4096) plans 4096-token calibration and
+    evaluation, a LLaMA-1-shaped one 2048, read from their config.json; a per-model seqlen overrides both."""
+    sources = tmp_path / "sources"
+    config = {
+        "models": {"tiny-llama2": {"source": str(save_tiny("llama", sources / "llama2", max_position_embeddings=4096)), "group": "Tiny"},
+                   "tiny-llama1": {"source": str(save_tiny("llama", sources / "llama1", max_position_embeddings=2048)), "group": "Tiny"},
+                   "tiny-fixed": {"source": str(sources / "llama2"), "group": "Tiny", "seqlen": 512}},
+        "methods": {"dense": {"method": "dense"}, "wanda": {"method": "wanda"}},
+        "datasets": {"calib": {"pydoc": "calibration"}, "eval": {"pydoc": "evaluation"}},
+        "calibration": {"dataset": "calib", "nsamples": 2, "seqlen": "model"},
+        "evals": {"perplexity": {"datasets": ["eval"], "seqlen": "model"}},
+        "published": None,
+    }
+    proc = smk(tmp_path, config, "-n", "-p")
+    lengths = planned_lengths(proc)
+    assert lengths == {stage: {"tiny-llama2": 4096, "tiny-llama1": 2048, "tiny-fixed": 512} for stage in ("calibrate", "perplexity")}
+    assert "--seqlen model --expect-seqlen 4096" in proc.stdout + proc.stderr  # the job checks the length it was planned at
 
 def test_dry_run_seed_axis(tmp_path):
     """Each calibration seed is one more calibration and one more prune and evaluation of each calibrated method."""
@@ -376,3 +417,41 @@ def test_gpu_slots_are_distinct(tmp_path, tiny_sources):
     for s, _, _ in spans:  # never more than 4 devices busy at once
         assert sum(len(d) for s2, e2, d in spans if s2 <= s < e2) <= 4
     assert overlapping > 0, "no two jobs ran at the same time: the test proved nothing"
+
+
+@pytest.mark.slow  # 8 jobs on a tiny model (about 100 s on 2 busy cores)
+def test_seqlen_model_end_to_end_rows_captions_and_published(tmp_path):
+    """A tiny model at its own length (max_position_embeddings 128): the jobs check and record it, every row of
+    benchmark.parquet carries the protocol, the table's caption names it, and a published figure is set beside
+    ours only where its protocol is ours."""
+    model = save_tiny("llama", tmp_path / "sources" / "tiny", max_position_embeddings=128)
+    calibration = {"dataset": "calib", "sampler": "stream", "nsamples": 2, "seqlen": 128}
+    row = {"model": "tiny", "method": "wanda", "pattern": "unstructured-0.5", "value": 300.0}
+    published = tmp_path / "published.yaml"
+    published.write_text(yaml.safe_dump([
+        {"source": "Alike", "dataset": "eval", "protocol": {"eval": {"seqlen": 128, "windows": 2}, "calibration": calibration, "from": "test"}, "rows": [row]},
+        {"source": "At 2048", "dataset": "eval", "protocol": {"eval": {"seqlen": 2048, "windows": 2}, "calibration": calibration, "from": "test"}, "rows": [row]},
+    ]))
+    config = {
+        "models": {"tiny": {"source": str(model), "group": "Tiny", "label": "Tiny"}},
+        "methods": {"dense": {"method": "dense", "label": "Dense"}, "wanda": {"method": "wanda", "label": "Wanda"}},
+        "datasets": {"calib": {"pydoc": "calibration"}, "eval": {"pydoc": "evaluation"}},
+        "calibration": {"dataset": "calib", "nsamples": 2, "seqlen": "model"},
+        "evals": {"perplexity": {"datasets": ["eval"], "seqlen": "model", "max_windows": 2}},
+        "published": str(published),
+    }
+    proc = smk(tmp_path, config, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert (tmp_path / "results" / "calibration" / "tiny" / "calib_stream_n2_len128_seed0.safetensors").is_file()
+    df = pd.read_parquet(tmp_path / "results" / "benchmark.parquet").set_index("method")
+    assert (df["eval_seqlen"] == 128).all() and (df["eval_seqlen_rule"] == "model").all() and (df["eval_windows"] == 2).all()
+    assert (df["eval_tokens"] == 256).all() and (df["eval_dataset"] == "eval").all()
+    assert df.loc["wanda", ["calibration_dataset", "calibration_sampler", "calibration_nsamples", "calibration_seqlen", "seed"]].tolist() \
+        == ["calib", "stream", 2, 128, 0]
+    tables = (tmp_path / "results" / "tables" / "perplexity.md").read_text()
+    assert ("Protocol: eval in windows of 128 tokens (the model's max_position_embeddings), the first 2; "
+            "calibration calib, 2 windows of 128 tokens (stream sampler), seed 0.") in tables
+    delta = pd.read_csv(tmp_path / "results" / "tables" / "published.csv").set_index("source")
+    assert delta.loc["Alike", "compared"] and delta.loc["Alike", "ours"] == pytest.approx(df.loc["wanda", "value"])
+    assert not delta.loc["At 2048", "compared"] and pd.isna(delta.loc["At 2048", "ours"])
+    assert delta.loc["At 2048", "comparison"] == "not compared: published at 2048, ours at 128"

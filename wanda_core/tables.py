@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from . import grid
+from . import grid, protocol
 from .grid import MATCH, pattern_args, pattern_title
 from .io import atomic_path, write_table
 
@@ -100,8 +100,7 @@ def long_table(ppl_files: list[str], report_files: list[str], config: dict, zero
             "sparsity": sparsity, "dataset": dataset, "metric": metric, "value": value,
             "status": _status(result, metric, value), **extra,
             "prune_seconds": report.get("seconds"), "eval_seconds": result.get("seconds"),
-            "calibration": None if seed is None else f"{calib['dataset']} {calib['nsamples']}x{calib['seqlen']}",
-            "seed": seed,
+            **calibration_protocol(report, calib, seed), "seed": seed,
             "wanda_core": result.get("wanda_core"), "torch": result.get("torch"),
             "transformers": result.get("transformers"), "lm_eval": result.get("lm_eval"),
             "device": result.get("device"), "git_commit": commit,
@@ -111,16 +110,51 @@ def long_table(ppl_files: list[str], report_files: list[str], config: dict, zero
     for path in ppl_files:
         p = Path(path)
         result = pd.read_parquet(p).iloc[0].to_dict()
-        rows.append(row(p, result, p.stem.partition("+")[0], "perplexity", float(result["perplexity"])))
+        dataset = p.stem.partition("+")[0]
+        rows.append(row(p, result, dataset, "perplexity", float(result["perplexity"]), eval_dataset=dataset,
+                        **{f"eval_{k}": _known(result.get(k)) for k in ("seqlen", "seqlen_rule", "windows", "tokens", "text_tokens")}))
     for path in zeroshot_files:
         p = Path(path)
         for result in pd.read_parquet(p).to_dict("records"):
             rows.append(row(p, result, result["task"], result["metric"], float(result["value"]),
-                            stderr=result.get("stderr"), n=result.get("n")))
+                            stderr=result.get("stderr"), n=result.get("n"), eval_dataset=result["task"],
+                            task_version=_known(result.get("task_version")), num_fewshot=_known(result.get("num_fewshot"))))
     df = pd.DataFrame(rows)
     if len(df):
-        df["seed"] = df["seed"].astype("Int64")  # NA for runs without calibration (dense, magnitude)
+        # Counts stay integers; NA where there is none (no calibration: dense, magnitude; zero-shot: no windows).
+        for column in ("seed", "calibration_nsamples", "calibration_seqlen", "eval_seqlen", "eval_windows", "eval_tokens",
+                       "eval_text_tokens"):
+            if column in df:
+                df[column] = df[column].astype("Int64")
     return df
+
+
+def _known(value):
+    """A recorded value, or None where there is none (older results: NaN in its column; NA in an Int64 one)."""
+    try:
+        missing = value is None or bool(pd.isna(value))
+    except (TypeError, ValueError):  # a list or mapping: recorded
+        missing = False
+    return None if missing else value
+
+
+def _int(value) -> int | None:
+    value = _known(value)
+    return None if value is None else int(value)
+
+
+def calibration_protocol(report: dict, calib: dict, seed) -> dict:
+    """How a run's calibration windows were drawn: from what its prune report recorded (the calibration
+    file's metadata), else from the config; nothing for runs without calibration."""
+    keys = ("calibration", "calibration_dataset", "calibration_sampler", "calibration_nsamples", "calibration_seqlen")
+    if seed is None:
+        return dict.fromkeys(keys)
+    made = report.get("calibration") or {}
+    written = calib.get("seqlen")
+    nsamples = _int(made.get("nsamples")) or calib["nsamples"]
+    length = _int(made.get("seqlen")) or (written if isinstance(written, int) else None)  # 'model': in the report
+    sampler = made.get("sampler") or calib.get("sampler", "stream")
+    return dict(zip(keys, (f"{calib['dataset']} {nsamples}x{length or '?'}", calib["dataset"], sampler, nsamples, length)))
 
 
 def _finetune_suffix(config: dict, name: str | None) -> str:
@@ -143,9 +177,10 @@ def published_rows(path, config: dict) -> pd.DataFrame:
         return pd.DataFrame()
     rows = []
     for entry in yaml.safe_load(Path(path).read_text()) or []:
+        how = protocol.published_protocol(entry)  # what the block states of its protocol, 'unknown' elsewhere
         for r in entry["rows"]:
             r = {"dataset": entry.get("dataset", "wikitext2"), "metric": entry.get("metric", "perplexity"), **r,
-                 "source": entry["source"]}
+                 "source": entry["source"], **how}
             if ZEROSHOT_MEAN in (r["dataset"], r["metric"]):
                 r.update(dataset=ZEROSHOT_MEAN, metric=ZEROSHOT_MEAN, value=_percent(r["value"]))
             rows.append(r)
@@ -291,10 +326,62 @@ def perplexity_tables(cells: pd.DataFrame, published: pd.DataFrame, config: dict
             table = pd.DataFrame(rows, columns=["method", "source", *titles.values()]).fillna("")
             if (table["source"] == "measured").all():
                 table = table.drop(columns="source")
-            spec = config["models"][model]
-            title = f"{DATASET_TITLES.get(dataset, dataset)} perplexity, {spec.get('label', model)} ({spec['group']})"
-            tables.append((title, table))
+            tables.append((perplexity_title(dataset, model, config), table))
     return tables
+
+
+def perplexity_title(dataset: str, model: str, config: dict) -> str:
+    spec = config["models"][model]
+    return f"{DATASET_TITLES.get(dataset, dataset)} perplexity, {spec.get('label', model)} ({spec['group']})"
+
+
+# --- captions: the protocol of every table ---
+
+def _windows_caption(p: dict) -> str:
+    seqlen, windows = p["eval_seqlen"], p["eval_windows"]
+    if protocol.is_unknown(seqlen):
+        return "windows of unrecorded length"
+    rule = p.get("eval_seqlen_rule")
+    text = f"windows of {seqlen} tokens" + (" (the model's max_position_embeddings)" if rule == "model" else "")
+    if windows == "all":
+        return text + ", every whole window of the text"
+    return text + ("" if protocol.is_unknown(windows) else f", the first {windows}")
+
+
+def perplexity_captions(df: pd.DataFrame, published: pd.DataFrame, config: dict) -> dict[str, str]:
+    """Per perplexity table (by title): the protocol of our runs, and that of every published block shown in it."""
+    out = {}
+    if not len(df) or not (df["metric"] == "perplexity").any():
+        return out
+    for (dataset, model), rows in df[df["metric"] == "perplexity"].groupby(["dataset", "model"], sort=False):
+        parts = [f"Protocol: {DATASET_TITLES.get(dataset, dataset)} in {_windows_caption(cell_protocol(rows))}"]
+        calibrated = rows[rows["seed"].notna()]
+        if len(calibrated):
+            c = cell_protocol(calibrated)
+            seeds = sorted(int(v) for v in calibrated["seed"].dropna().unique())
+            parts.append(f"calibration {c['calibration_dataset']}, {c['calibration_nsamples']} windows of "
+                         f"{c['calibration_seqlen']} tokens ({c['calibration_sampler']} sampler), "
+                         f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
+        text = "; ".join(parts) + "."
+        pub = published[(published["model"] == model) & (published["dataset"] == dataset)] if len(published) else published
+        shown = [f"{source}: {protocol.describe(g.iloc[0].to_dict())}." for source, g in pub.groupby("source", sort=False)] if len(pub) else []
+        if shown:
+            text += " Published rows, " + " ".join(shown)
+        out[perplexity_title(dataset, model, config)] = text
+    return out
+
+
+def zeroshot_caption(df: pd.DataFrame) -> str:
+    """The zero-shot protocol: lm-eval's version, 0-shot, each task's version (as recorded in the rows)."""
+    d = df[df["metric"] == "acc"] if len(df) and "metric" in df else pd.DataFrame()
+    if not len(d):
+        return ""
+    p = cell_protocol(d)
+    versions = p["task_versions"]
+    text = f"Protocol: lm-eval {p['lm_eval']}, 0-shot"
+    if isinstance(versions, dict):
+        text += ", task versions " + ", ".join(f"{t} {v}" for t, v in versions.items())
+    return text + "."
 
 
 # --- zero-shot accuracy ---
@@ -357,51 +444,106 @@ def zeroshot_tables(cells: pd.DataFrame, published: pd.DataFrame, config: dict) 
 
 # --- ours against published ---
 
-def published_delta(ppl: pd.DataFrame, zeroshot: pd.DataFrame, published: pd.DataFrame, config: dict) -> pd.DataFrame:
-    """Our value beside each published one of the same model, method, pattern and data set, and the difference."""
+def cell_protocol(rows: pd.DataFrame) -> dict:
+    """How our runs of one cell were measured (the long table's rows of its seeds), for protocol.differences():
+    each field's value where the runs share one, 'unknown' where none was recorded, 'mixed: ...' otherwise.
+    eval_windows is 'all' where a run evaluated every whole window of the text."""
+    def column(name):
+        return list(rows[name]) if name in rows else [None] * len(rows)
+
+    def one(values):
+        values = list(dict.fromkeys(v for v in map(_known, values) if v is not None))
+        values = [int(v) if isinstance(v, float) and v.is_integer() else v for v in values]
+        return protocol.UNKNOWN if not values else values[0] if len(values) == 1 else "mixed: " + ", ".join(map(str, values))
+
+    windows = [w if _known(w) is None or not _known(t) or not _known(n) or w != t // n else "all"
+               for w, t, n in zip(column("eval_windows"), column("eval_text_tokens"), column("eval_seqlen"))]
+    out = {"eval_seqlen": one(column("eval_seqlen")), "eval_seqlen_rule": one(column("eval_seqlen_rule")),
+           "eval_windows": one(windows), "lm_eval": one(column("lm_eval")),
+           **{k: one(column(k)) for k in ("calibration_dataset", "calibration_sampler", "calibration_nsamples", "calibration_seqlen")}}
+    versions = {t: v for t, v in zip(column("dataset"), column("task_version")) if _known(v) is not None}
+    out["task_versions"] = versions if versions and "task_version" in rows else protocol.UNKNOWN
+    seeds = rows["seed"].dropna().nunique() if "seed" in rows else 0
+    out["seeds"] = int(seeds) or 1
+    return out
+
+
+def _our_rows(df: pd.DataFrame, model: str, method: str, column: str, label: str, dataset: str) -> pd.DataFrame:
+    """The long table's rows of one of our cells: perplexity on `dataset`, or every task's accuracy (zero-shot mean)."""
+    if df is None or not len(df):
+        return pd.DataFrame()
+    d = df[(df["model"] == model) & (df["method"] == method) & (df["column"] == column) & (df["method_label"] == label)]
+    return d[d["metric"] == "acc"] if dataset == ZEROSHOT_MEAN else d[(d["metric"] == "perplexity") & (d["dataset"] == dataset)]
+
+
+def published_delta(ppl: pd.DataFrame, zeroshot: pd.DataFrame, published: pd.DataFrame, config: dict,
+                    df: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Each published figure of the grid with our cell of the same model, method, pattern and data set.
+
+    Our value, and the difference, are set beside it only when the two protocols agree (protocol.differences,
+    from our runs' rows in `df`, the long table); elsewhere `comparison` says which field differs.
+    """
     rows = []
-    for r in published.itertuples():
-        if r.dataset == ZEROSHOT_MEAN:
+    for r in published.to_dict("records"):
+        if r["dataset"] == ZEROSHOT_MEAN:
             ours, what = zeroshot[zeroshot["dataset"] == "Mean"], "zero-shot mean accuracy (%)"
         else:
-            ours, what = ppl[ppl["dataset"] == r.dataset], f"{DATASET_TITLES.get(r.dataset, r.dataset)} perplexity"
+            ours, what = ppl[ppl["dataset"] == r["dataset"]], f"{DATASET_TITLES.get(r['dataset'], r['dataset'])} perplexity"
+        zs = r["dataset"] == ZEROSHOT_MEAN
         for method, spec in config["methods"].items():
-            if spec["method"] != r.method or r.pattern not in grid.method_patterns(config, method):
+            if spec["method"] != r["method"] or r["pattern"] not in grid.method_patterns(config, method):
                 continue
-            hit = ours[(ours["model"] == r.model) & (ours["method"] == method)
-                       & (ours["column"] == column_of(method, spec["method"], r.pattern))
-                       & (ours["method_label"] == spec.get("label", method))]
+            column, label = column_of(method, spec["method"], r["pattern"]), spec.get("label", method)
+            hit = ours[(ours["model"] == r["model"]) & (ours["method"] == method) & (ours["column"] == column)
+                       & (ours["method_label"] == label)]
             cell = hit.iloc[0] if len(hit) else {"value": None, "std": None, "n": 0, "failed": 0}
-            value = None if cell["value"] is None or pd.isna(cell["value"]) else float(cell["value"])
-            mspec = config["models"][r.model]
+            mine = cell_protocol(_our_rows(df, r["model"], method, column, label, r["dataset"]))
+            calibrated = grid.needs_calibration(config, method)
+            why = protocol.differences(mine, r, calibrated, zeroshot=zs)
+            shown = [p if calibrated else {**p, "calibration_nsamples": None} for p in (r, mine)]  # dense: none to show
+            value = None if why or cell["value"] is None or pd.isna(cell["value"]) else float(cell["value"])
+            mspec = config["models"][r["model"]]
+            std = _known(r.get("std"))
             rows.append({
-                "metric": what, "group": mspec["group"], "model": mspec.get("label", r.model),
-                "method": spec.get("label", method),
-                "pattern": "dense" if spec["method"] == "dense" else pattern_title(r.pattern, config),
-                "ours": value, "std": cell["std"], "n": cell["n"], "failed": cell["failed"],
-                "published": float(r.value), "source": r.source,
-                "difference": value - r.value if value is not None else None,
-                "relative": (value - r.value) / r.value if value is not None and r.value else None,
+                "metric": what, "group": mspec["group"], "model": mspec.get("label", r["model"]),
+                "method": label, "pattern": "dense" if spec["method"] == "dense" else pattern_title(r["pattern"], config),
+                "ours": value, "std": None if why else cell["std"], "n": 0 if why else cell["n"], "failed": 0 if why else cell["failed"],
+                "published": float(r["value"]), "published_std": std, "source": r["source"],
+                "difference": value - r["value"] if value is not None else None,
+                "relative": (value - r["value"]) / r["value"] if value is not None and r["value"] else None,
+                "compared": not why, "comparison": "not compared: " + "; ".join(why) if why else "same protocol",
+                "protocol": protocol.describe(shown[0], zs), "our_protocol": protocol.describe(shown[1], zs),
+                "protocol_from": r.get("protocol_from") or "",
             })
     return pd.DataFrame(rows, columns=["metric", "group", "model", "method", "pattern", "ours", "std", "n", "failed",
-                                       "published", "source", "difference", "relative"])
+                                       "published", "published_std", "source", "difference", "relative", "compared",
+                                       "comparison", "protocol", "our_protocol", "protocol_from"])
 
 
 def published_delta_table(delta: pd.DataFrame) -> pd.DataFrame:
-    """The comparison as shown: our cell's text, the published figure, the difference (absolute and relative)."""
+    """The comparison as shown: our cell's text and the difference where the protocols agree, the published
+    figure (± where its source gives one) and its protocol, and what was compared or why not."""
     show = delta[["metric", "group", "model", "method", "pattern"]].copy()
-    show["ours"] = [cell_text(r.ours, r.std, r.n, r.failed) for r in delta.itertuples()]
-    show["published"] = [f"{v:.2f}" for v in delta["published"]]
+    show["ours"] = [cell_text(r.ours, r.std, r.n, r.failed) if r.compared else "" for r in delta.itertuples()]
+    show["published"] = [f"{v:.2f}" + ("" if pd.isna(sd) else f" ± {sd:.2f}") for v, sd in zip(delta["published"], delta["published_std"])]
     show["source"] = delta["source"]
     show["difference"] = ["" if pd.isna(v) else f"{v:+.2f}" for v in delta["difference"]]
     show["relative"] = ["" if pd.isna(v) else f"{v:+.1%}" for v in delta["relative"]]
+    show["published protocol"] = delta["protocol"]
+    show["comparison"] = delta["comparison"]
     return show
 
 
 # --- output ---
 
-def markdown(tables, note: str = "") -> str:
-    """The tables as Markdown, each under its title, the note below them; '' when there is none."""
+def _caption(captions, title: str) -> str:
+    """A table's caption: captions is one text for every table, or a text per title."""
+    return (captions.get(title, "") if isinstance(captions, dict) else captions) or ""
+
+
+def markdown(tables, note: str = "", captions=None) -> str:
+    """The tables as Markdown, each under its title with its caption below it, the note below them all; '' when
+    there is none."""
     out = []
     for title, t in tables:
         out.append(f"## {title}\n")
@@ -410,17 +552,21 @@ def markdown(tables, note: str = "") -> str:
         for _, r in t.iterrows():
             out.append("| " + " | ".join("" if v is None else str(v) for v in r.values) + " |")
         out.append("")
+        if _caption(captions, title):
+            out += [_caption(captions, title), ""]
     if note and tables:
         out += [note, ""]
     return "\n".join(out)
 
 
-def html_page(title: str, tables, note: str = "") -> str:
+def html_page(title: str, tables, note: str = "", captions=None) -> str:
     """The tables as one small HTML page (the Snakemake report shows it as is)."""
     body = []
     for caption, t in tables:
         body.append(f"<h2>{html.escape(caption)}</h2>")
         body.append(t.to_html(index=False, border=0, na_rep="", classes="results"))
+        if _caption(captions, caption):
+            body.append(f"<p class=\"caption\">{html.escape(_caption(captions, caption))}</p>")
     if note:
         body.append(f"<p>{html.escape(note)}</p>")
     style = ("body{font-family:sans-serif;margin:1em} table.results{border-collapse:collapse;margin-bottom:1.5em}"
@@ -472,23 +618,26 @@ def aggregate(ppl_files, report_files, zeroshot_files, config, out: dict, layer_
     ppl_tables = perplexity_tables(ppl, published, config)
     noted = any(str(v).endswith("%]") for _, t in ppl_tables for v in t.to_numpy().ravel())  # a sparsity in brackets
     ppl_note = " ".join(n for n in (seeds_note, SPARSITY_NOTE if noted else "") if n)
-    delta = published_delta(ppl, zs, published, config)
+    delta = published_delta(ppl, zs, published, config, df)
+    compared_note = ("Our value is set beside a published one only where the protocols agree (evaluation length and "
+                     "windows, calibration; zero-shot: lm-eval and task versions); elsewhere the comparison says what differs.")
     sections = [
-        ("perplexity", "table", "csv", "html", ppl_tables, tidy(ppl, config), ppl_note),
+        ("perplexity", "table", "csv", "html", ppl_tables, tidy(ppl, config), ppl_note, perplexity_captions(df, published, config)),
         ("zero-shot accuracy", "zeroshot_table", "zeroshot_csv", "zeroshot_html", zeroshot_tables(zs, published, config),
-         tidy(zs, config), seeds_note),
+         tidy(zs, config), seeds_note, zeroshot_caption(df)),
         ("ours against published figures", "published_table", "published_csv", "published_html",
-         [("Ours against published figures", published_delta_table(delta))] if len(delta) else [], delta, seeds_note),
+         [("Ours against published figures", published_delta_table(delta))] if len(delta) else [], delta,
+         " ".join(n for n in (compared_note, seeds_note) if n), None),
     ]
     texts = []
-    for name, md, csv, page, tables, cells, note in sections:
-        text = markdown(tables, note)
+    for name, md, csv, page, tables, cells, note, captions in sections:
+        text = markdown(tables, note, captions)
         if md in out:
             _write_text(text, out[md])
         if csv in out:
             _write_csv(cells, out[csv])
         if page in out:
-            _write_text(html_page(name, tables, note if tables else ""), out[page])
+            _write_text(html_page(name, tables, note if tables else "", captions), out[page])
         if text:
             texts.append(text)
     if "plot" in out:

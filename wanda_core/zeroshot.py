@@ -109,15 +109,18 @@ def evaluate(model, tokenizer, loaded: dict, limit=None, batch_size: int = 1, se
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
     )
     rows = []
+    versions = results.get("versions") or {}  # each task's version, as lm-eval reports it (the paper's were 0, BoolQ 1)
     for task, metrics in results["results"].items():
         n = results.get("n-samples", {}).get(task, {}).get("effective")
+        version = versions.get(task)
         for key, value in metrics.items():
             metric, _, _filter = key.partition(",")
             if metric in ("acc", "acc_norm") and isinstance(value, (int, float)):
                 stderr = metrics.get(f"{metric}_stderr,{_filter}")
                 rows.append({"task": task, "metric": metric, "value": float(value),
                              "stderr": float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None,
-                             "n": n, "limit": limit, "num_fewshot": 0, "lm_eval": lm_eval.__version__})
+                             "n": n, "limit": limit, "num_fewshot": 0, "lm_eval": lm_eval.__version__,
+                             "task_version": None if version is None else str(version)})
     if not rows:
         raise WandaError(f"lm-eval reported no acc metric for {', '.join(loaded['tasks'])}")
     return rows

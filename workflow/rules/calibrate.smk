@@ -1,4 +1,5 @@
-# Calibration windows per (model tokenizer, data set, sampler, nsamples, seqlen, seed), shared by every method of that seed.
+# Calibration windows per (model tokenizer, data set, sampler, nsamples, seqlen, seed), shared by every method of that seed;
+# the file name holds the model's own length (seqlen: model -> its max_position_embeddings, which the job checks).
 
 
 rule calibrate:
@@ -9,8 +10,8 @@ rule calibrate:
         "results/calibration/{model}/{calibration}.safetensors",
     params:
         nsamples=config["calibration"]["nsamples"],
-        seqlen=config["calibration"]["seqlen"],
-        seed=lambda wc: CALIBRATION_SEEDS[wc.calibration],
+        seqlen=lambda wc: grid.seqlen_option(config, wc.model, "calibration"),
+        seed=lambda wc: CALIBRATION_SEEDS[(wc.model, wc.calibration)],
         model=lambda wc: model_flags(wc, blocks=False),
         sampler=config["calibration"]["sampler"],
     log:

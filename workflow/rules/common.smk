@@ -43,8 +43,9 @@ os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), search_pa
 RUNS = grid.runs(config)
 # Relative to the repository, so that a run in another --directory finds it too.
 PUBLISHED = [os.path.join(workflow.basedir, config["published"])] if config["published"] else []
-# Calibration file name -> its seed: one calibration (and one pruned model) per seed.
-CALIBRATION_SEEDS = {grid.calibration_id(config, seed): seed for seed in grid.seeds(config)}
+# (model, calibration file name) -> its seed: one calibration (and one pruned model) per seed. The name holds the
+# model's own sequence length (grid.seqlen: a number, or its max_position_embeddings with seqlen: model).
+CALIBRATION_SEEDS = {(m, grid.calibration_id(config, seed, m)): seed for m in config["models"] for seed in grid.seeds(config)}
 # What the tables are made with (labels, groups, published figures), short enough for `snakemake -n`'s reasons.
 CONFIG_HASH = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -99,7 +100,7 @@ def prune_inputs(wildcards):
     inputs = {"model": f"resources/models/{wildcards.model}"}
     seed = grid.seed_number(wildcards.seed)
     if seed is not None:
-        inputs["calibration"] = f"results/calibration/{wildcards.model}/{grid.calibration_id(config, seed)}.safetensors"
+        inputs["calibration"] = f"results/calibration/{wildcards.model}/{grid.calibration_id(config, seed, wildcards.model)}.safetensors"
     if wildcards.pattern.startswith(grid.MATCH):
         inputs["match"] = grid.match_report(config, run_of(wildcards))
     return inputs
@@ -230,7 +231,7 @@ def progressive_prune_inputs(wildcards):
     inputs = {"model": f"resources/models/{wildcards.model}"}
     if grid.needs_calibration(config, step["method"]):
         seed = grid.seeds(config)[0]  # a schedule calibrates with the first seed
-        inputs["calibration"] = f"results/calibration/{wildcards.model}/{grid.calibration_id(config, seed)}.safetensors"
+        inputs["calibration"] = f"results/calibration/{wildcards.model}/{grid.calibration_id(config, seed, wildcards.model)}.safetensors"
     if "/" in wildcards.chain:  # every step after the first starts from the one before, fine-tuned
         previous = f"results/progressive/{wildcards.model}/{wildcards.chain.rsplit('/', 1)[0]}"
         inputs["start_pruned"] = f"{previous}/pruned.safetensors"

@@ -9,7 +9,7 @@ rule perplexity:
     params:
         pruned=lambda wc, input: f"--pruned {input.pruned}" if "pruned" in input.keys() else "",
         model=model_flags,
-        seqlen=config["evals"]["perplexity"]["seqlen"],
+        seqlen=lambda wc: grid.seqlen_option(config, wc.model, "perplexity"),
         max_windows=lambda wc: (
             f"--max-windows {config['evals']['perplexity']['max_windows']}"
             if config["evals"]["perplexity"]["max_windows"]
