@@ -147,6 +147,27 @@ def check_config(config: dict, files: bool = True) -> None:
                 raise WandaError(f"config datasets.{ds}.path: data file not found: {path}")
 
 
+def model_dtype(config: dict, model: str, flags: set[str] | None = None) -> str:
+    """The dtype a model's jobs load it in: its `dtype`, where `auto` is bfloat16 only on hardware that computes
+    it natively (avx512_bf16 or AMX CPUs), else float32: never emulated bf16, several times slower than float32.
+
+    Resolved here, where the workflow starts, for a model that runs on the CPU (flags: the CPU's, for tests);
+    a job that may run on a GPU (the model's `gpus`, or `device` cuda, or auto on a machine with CUDA) gets
+    `auto` and resolves it itself: bfloat16 where the GPU supports it, else float16.
+    """
+    spec = config["models"][model]
+    dtype = spec.get("dtype") or "auto"
+    if dtype != "auto" or spec.get("gpus") or config.get("device", "auto") == "cuda":
+        return dtype
+    import torch
+
+    if config.get("device", "auto") == "auto" and torch.cuda.is_available():
+        return dtype
+    from .hardware import auto_dtype
+
+    return auto_dtype("cpu", flags)
+
+
 def check_matched(config: dict, name: str) -> None:
     matched = config["methods"][name].get("matched") or []
     hybrids = [m for m in OWN_PATTERN if m != "dense"]

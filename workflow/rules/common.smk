@@ -40,6 +40,10 @@ envvars:
 
 search_path = os.environ["PATH"]
 os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), search_path])
+# A model's `dtype: auto` becomes what this machine computes natively (bfloat16 on avx512_bf16/AMX CPUs, else
+# float32), so that no job runs in emulated bfloat16; GPU jobs resolve it themselves (grid.model_dtype).
+for _model in config["models"]:
+    config["models"][_model]["dtype"] = grid.model_dtype(config, _model)
 RUNS = grid.runs(config)
 # Relative to the repository, so that a run in another --directory finds it too.
 PUBLISHED = [os.path.join(workflow.basedir, config["published"])] if config["published"] else []
