@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -54,10 +55,18 @@ def provenance() -> dict:
 
     from . import __version__
 
+    from .hardware import describe
+
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
     return {"wanda_core": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "device": device,
+            **describe(),  # isa (avx2, avx512, avx512_bf16, amx; or the GPU), kernels (torch's CPU kernel set)
             "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "started": _STARTED, "finished": time.time()}
+
+
+def _dtype(m) -> str:
+    """The dtype the model's weights are in: what a result was actually computed in."""
+    return str(next(m.parameters()).dtype).removeprefix("torch.")
 
 
 def cmd_calibrate(a) -> None:
@@ -150,7 +159,7 @@ def cmd_prune(a) -> None:
         rows = [{"method": report["method"], "pattern": report["pattern"], **r} for r in report["layers"]]
         io.write_table(rows, a.stats)
     if a.report:
-        io.write_json({**meta, "sparsity_from": a.sparsity_from, **provenance()}, a.report)
+        io.write_json({**meta, "sparsity_from": a.sparsity_from, "dtype": _dtype(m), **provenance()}, a.report)
     progress_log.info("%s %s %s: sparsity %.4f in %.1f s -> %s", a.model, a.method, report["pattern"], report["sparsity"],
                       report["seconds"], a.out)
 
@@ -165,20 +174,24 @@ def cmd_eval_ppl(a) -> None:
         pruned.load_pruned(m, a.pruned)
     ids = data.tokenize(tokenizer, text)
     t0 = time.perf_counter()
-    status = "ok"
+    status, nll = "ok", []
     try:
-        ppl = evaluate.perplexity(m, ids, a.seqlen, a.max_windows, a.batch_size, progress=not a.quiet)
+        nll = evaluate.window_nll(m, ids, a.seqlen, a.max_windows, a.batch_size, progress=not a.quiet)
+        ppl, (low, high) = math.exp(nll.mean().item()), evaluate.interval(nll)
     except evaluate.NonFinitePerplexity as e:
         # A result, not a crash: the table shows this model as failed, with the reason.
         log.error("%s: perplexity failed: %s", a.pruned or a.model, e)
-        ppl, status = float("nan"), f"failed: {e}"
+        ppl, low, high, status = float("nan"), float("nan"), float("nan"), f"failed: {e}"
     result = {"model": a.model, "pruned": a.pruned, **finetuned, "data": a.data, "seqlen": a.seqlen,
               "max_windows": a.max_windows, "perplexity": ppl, "status": status, "seconds": time.perf_counter() - t0,
-              **provenance()}
+              # The 95% interval over the evaluation windows, and each window's mean NLL (paired comparisons).
+              "perplexity_low": low, "perplexity_high": high, "window_nll": [float(x) for x in nll],
+              "dtype": _dtype(m), **provenance()}
     if a.out:
         (io.write_table([result], a.out) if a.out.endswith((".parquet", ".csv")) else io.write_json(result, a.out))
-    progress_log.info("%s: perplexity %.3f on %s%s", a.pruned or a.model, ppl, a.data, f" -> {a.out}" if a.out else "")
-    print(json.dumps({"perplexity": ppl}))
+    progress_log.info("%s: perplexity %.3f on %s (95%% interval %.3f-%.3f)%s", a.pruned or a.model, ppl, a.data, low, high,
+                      f" -> {a.out}" if a.out else "")
+    print(json.dumps({"perplexity": ppl, "low": low, "high": high}))
 
 
 def cmd_eval_zeroshot(a) -> None:
@@ -191,7 +204,8 @@ def cmd_eval_zeroshot(a) -> None:
         pruned.load_pruned(m, a.pruned)
     t0 = time.perf_counter()
     rows = zeroshot.evaluate(m, tokenizer, loaded, a.limit, a.batch_size, a.seed, a.cache)
-    extra = {"model": a.model, "pruned": a.pruned, **finetuned, "seconds": time.perf_counter() - t0, **provenance()}
+    extra = {"model": a.model, "pruned": a.pruned, **finetuned, "seconds": time.perf_counter() - t0, "dtype": _dtype(m),
+             **provenance()}
     rows = [{**r, **extra} for r in rows]
     if a.out:
         io.write_table(rows, a.out)
