@@ -345,6 +345,8 @@ def cmd_materialize(a) -> None:
             m, tokenizer = model.load_model(a.model, a.dtype, "cpu")
             m.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+        (tmp / model.SOURCE_RECORD).unlink(missing_ok=True)  # a copied directory's own record is not ours
+        (tmp / model.SOURCE_RECORD).write_text(json.dumps({"source": a.model}) + "\n")
     log.info("wrote %s", a.out)
 
 

@@ -168,6 +168,29 @@ def model_dtype(config: dict, model: str, flags: set[str] | None = None) -> str:
     return auto_dtype("cpu", flags)
 
 
+def check_sources(config: dict, models_dir: str = "resources/models") -> None:
+    """Every model source that a materialize job would read (its directory is missing, or was made from another
+    source) must be there, checked before any job: Snakemake deletes a job's old output before the job runs, so
+    a typo in a source would otherwise cost the materialized model and everything made from it.
+
+    Installed pypi: packages and existing paths are checked always; a hub id offline (HF_HUB_OFFLINE) must be in
+    the local cache; a hub id that would replace a directory made from another source is asked for on the Hub.
+    """
+    from pathlib import Path
+
+    from .model import made_from, source_problem
+
+    for name, spec in config["models"].items():
+        directory = Path(models_dir) / name
+        made = made_from(directory)
+        if made == spec["source"]:
+            continue  # made from this very source: nothing to fetch
+        problem = source_problem(spec["source"], ask_hub=made is not None)
+        if problem:
+            kept = f" ({directory}, made from {made}, is kept)" if made is not None else ""
+            raise WandaError(f"config models.{name}.source: {problem}{kept}")
+
+
 def check_matched(config: dict, name: str) -> None:
     matched = config["methods"][name].get("matched") or []
     hybrids = [m for m in OWN_PATTERN if m != "dense"]
