@@ -35,7 +35,7 @@ def perplexity_plot(cells: pd.DataFrame, config: dict, path) -> None:
     the std over calibration seeds for results without one). Bars of a group whose intervals overlap share a
     letter after their value ('~a'), as in the tables: their order is not a result.
     """
-    from .tables import TIE_NOTE, column_ties
+    from .tables import column_ties
 
     plt = _pyplot()
     panels = [(m, d) for d in cells["dataset"].unique() for m in model_order(config)
@@ -101,7 +101,8 @@ def perplexity_plot(cells: pd.DataFrame, config: dict, path) -> None:
     if not panels:
         axes[0, 0].set_axis_off()
     intervals = bool(len(cells)) and cells.apply(_has_interval, axis=1).any()
-    note = " ".join(n for n in ("Error bars and shading: 95% intervals." if intervals else "", TIE_NOTE if tied else "") if n)
+    ties = "~a: bars of a group that share a letter have overlapping 95% intervals: their order is not a result."
+    note = " ".join(n for n in ("Error bars and shading: 95% intervals." if intervals else "", ties if tied else "") if n)
     if note:
         fig.text(0.01, 0.005, note, fontsize=7, ha="left", va="bottom", wrap=True)
     fig.tight_layout(rect=(0, 0.03 if note else 0, 1, 1))
