@@ -228,7 +228,15 @@ def test_end_to_end_results(e2e):
     rows = md_rows(table, "WikiText-2 perplexity, SmolLM2-135M (SmolLM2)")
     assert rows[0] == ["method", "dense", "unstructured 50%", "2:4"]
     assert [r[0] for r in rows[1:]] == ["Dense", "Magnitude", "Wanda", "SparseGPT"]
-    assert rows[3] == ["Wanda", "", f"{smol[('wanda', 'unstructured-0.5')]:.2f}", f"{smol[('wanda', '2-4')]:.2f}"]
+    # Each value with half its 95% interval over the 3 evaluation windows (and a letter where it overlaps another).
+    assert rows[3][:2] == ["Wanda", ""] and rows[3][2].startswith(f"{smol[('wanda', 'unstructured-0.5')]:.2f} ±")
+    assert rows[3][3].startswith(f"{smol[('wanda', '2-4')]:.2f} ±")
+    assert (df["ci_low"] < df["value"]).all() and (df["value"] < df["ci_high"]).all()
+    assert df["window_nll"].map(len).eq(3).all() and (df["dtype"] == "float32").all()
+    from wanda_core.hardware import cpu_isa
+
+    assert (df["isa"] == cpu_isa()).all() and df["kernels"].notna().all() and (df.loc[df["method"] != "dense", "prune_isa"] == cpu_isa()).all()
+    assert zs["ci_low"].notna().all()  # lm-eval's standard error, as an interval
     csv = pd.read_csv(results / "tables" / "perplexity.csv")
     assert {"dataset", "model", "method", "column", "value", "std", "n", "sparsity", "text"} <= set(csv.columns)
     assert len(csv) == 2 * 5 and (csv["n"] == 1).all()
