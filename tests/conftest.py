@@ -9,8 +9,11 @@ Two groups run only when asked, and always in CI (CI=true):
   slurm  (installs Slurm with apt-get, writes /etc/slurm,
           starts munged/slurmctld/slurmd; needs root)    --slurm  or WANDA_TEST_SLURM=1
 Everything the tests and their subprocesses write to temporary files goes under pytest's own
-temporary folder (TMPDIR points there), which is removed when the run passes.
+temporary folder (TMPDIR points there), which is removed when the run passes; so do the caches
+(HF_HOME, HF_MODULES_CACHE, HF_DATASETS_CACHE, WANDA_CACHE, XDG_CACHE_HOME), and the session ends
+with an error if the home caches (Hugging Face's and wanda-bench's) changed while it ran.
 """
+import contextlib
 import importlib.util
 import os
 import sys
@@ -35,9 +38,71 @@ def pytest_addoption(parser):
         parser.addoption(flag, action="store_true", help=f"also run the tests marked {marker}: {why} (or {env}=1; always in CI)")
 
 
+# Caches the code under test writes (remote-code modules, data sets, assembled GGUF files, lm-eval's task
+# names), pointed under pytest's temporary folder for the whole session; their values are put back at the end.
+CACHE_VARIABLES = {"HF_HOME": "hf", "HF_HUB_CACHE": "hf/hub", "HF_MODULES_CACHE": "hf/modules",
+                   "HF_DATASETS_CACHE": "hf/datasets", "WANDA_CACHE": "wanda-bench", "XDG_CACHE_HOME": "xdg"}
+_HOME_CACHES = pytest.StashKey[tuple]()
+
+
+def home_caches() -> list[Path]:
+    """The cache folders outside the tests' own, as the environment the tests started in names them."""
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    hf = Path(os.environ.get("HF_HOME") or xdg / "huggingface")
+    paths = [hf, os.environ.get("HF_HUB_CACHE") or hf / "hub", os.environ.get("HF_MODULES_CACHE") or hf / "modules",
+             os.environ.get("HF_DATASETS_CACHE") or hf / "datasets", os.environ.get("WANDA_CACHE") or xdg / "wanda-bench"]
+    return list(dict.fromkeys(Path(p).expanduser() for p in paths))
+
+
+def snapshot(roots) -> dict:
+    """Every file (size, mtime) and folder under `roots`; a missing root as such."""
+    seen = {}
+    for root in roots:
+        if not root.is_dir():
+            seen[str(root)] = "missing"
+            continue
+        for folder, _, files in os.walk(root):
+            seen[folder] = "folder"
+            for name in files:
+                with contextlib.suppress(OSError):
+                    st = os.lstat(os.path.join(folder, name))
+                    seen[os.path.join(folder, name)] = (st.st_size, st.st_mtime_ns)
+    return seen
+
+
+def snapshot_changes(before: dict, after: dict) -> list[str]:
+    return sorted(f"{'added' if k not in before else 'removed' if k not in after else 'changed'} {k}"
+                  for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own tmp_path setup
 def pytest_configure(config):
     for marker, (flag, env, why) in OPT_IN.items():
         config.addinivalue_line("markers", f"{marker}: {why}; runs with {flag}, {env}=1 or CI=true")
+    roots = home_caches()
+    base = config._tmp_path_factory.getbasetemp() / "caches"
+    config.stash[_HOME_CACHES] = (roots, snapshot(roots), {k: os.environ.get(k) for k in CACHE_VARIABLES})
+    for key, sub in CACHE_VARIABLES.items():  # before anything imports transformers or huggingface_hub
+        os.environ[key] = str(base / sub)
+
+
+def pytest_unconfigure(config):
+    saved = config.stash.get(_HOME_CACHES, None)
+    for key, value in (saved[2] if saved else {}).items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session", autouse=True)
+def home_caches_unchanged(pytestconfig):
+    """The home caches are the same after the session as before it: the tests wrote theirs under pytest's folder."""
+    yield
+    roots, before, _ = pytestconfig.stash[_HOME_CACHES]
+    changes = snapshot_changes(before, snapshot(roots))
+    if changes:
+        pytest.fail(f"the tests changed the home caches ({len(changes)}): " + "; ".join(changes[:10]), pytrace=False)
 
 
 def wanted(config, marker: str) -> bool:

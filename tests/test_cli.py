@@ -248,6 +248,34 @@ def test_help_lists_commands_methods_and_defaults():
     assert "(default: 8)" in text and "(default: unstructured)" in text and "(default: 0.5)" in text
 
 
+def test_every_option_has_its_help():
+    import argparse
+
+    from wanda_core.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [(name, a.option_strings) for name, p in [("", parser), *commands.items()] for a in p._actions
+               if a.option_strings and not a.help]
+    assert missing == []
+    text = subprocess.run([sys.executable, "-m", "wanda_core", "eval-ppl", "--help"], capture_output=True, text=True).stdout
+    text = " ".join(text.split())
+    assert "--data DATA evaluation text" in text and "--seqlen SEQLEN tokens per window" in text
+    assert "--max-windows MAX_WINDOWS evaluate only the first N windows" in text
+
+
+@pytest.mark.parametrize("args,error", [
+    (["prune", "--method", "lottery", "--out", "p.safetensors"], "error: unknown method 'lottery'"),
+    (["eval-ppl", "--data", "missing.txt"], "error: "),
+])
+def test_bad_input_prints_its_error_line_alone(tmp_path, tiny_dir, args, error):
+    """Without --log nothing comes before the error line (the thread count is logged only into a job's log)."""
+    proc = subprocess.run([sys.executable, "-m", "wanda_core", args[0], "--model", str(tiny_dir), *args[1:]],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith(error), proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_log_option_keeps_progress_on_the_terminal(tmp_path, tiny_dir, pruned_tiny):
     """--log (what the workflow's rules use): the whole log goes to the file, one line per block to the terminal."""
     log = tmp_path / "logs" / "prune.log"

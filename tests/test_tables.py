@@ -35,11 +35,15 @@ class Results:
     def __init__(self, root):
         self.root, self.ppl, self.reports, self.zeroshot, self.layers = root / "results", [], [], [], []
 
-    def ppl_run(self, method, pattern, seed, value, sparsity=None, status="ok", dataset="wikitext2", target=None, seqlen=64):
+    def ppl_run(self, method, pattern, seed, value, sparsity=None, status="ok", dataset="wikitext2", target=None, seqlen=64,
+                interval=None, **extra):
         path = self.root / "ppl" / "m" / method / pattern / seed / f"{dataset}.parquet"
         # What eval-ppl records of its protocol: every whole window of a 650-token text.
-        io.write_table([{"perplexity": value, "status": status, "seconds": 1.0, "seqlen": seqlen, "seqlen_rule": "fixed",
-                         "windows": 650 // seqlen, "tokens": 650 // seqlen * seqlen, "text_tokens": 650}], path)
+        row = {"perplexity": value, "status": status, "seconds": 1.0, "seqlen": seqlen, "seqlen_rule": "fixed",
+               "windows": 650 // seqlen, "tokens": 650 // seqlen * seqlen, "text_tokens": 650, **extra}
+        if interval:
+            row.update(perplexity_low=interval[0], perplexity_high=interval[1])
+        io.write_table([row], path)
         self.ppl.append(str(path))
         if method != "dense":
             self.report(method, pattern, seed, sparsity, target)
@@ -57,9 +61,9 @@ class Results:
                             for b in range(3) for k in ("gate_proj", "up_proj")], layers)
             self.layers.append(str(layers))
 
-    def zeroshot_run(self, method, pattern, seed, accs: dict, sparsity=0.0):
+    def zeroshot_run(self, method, pattern, seed, accs: dict, sparsity=0.0, stderr=None):
         path = self.root / "zeroshot" / "m" / method / pattern / seed / "tasks.parquet"
-        rows = [{"task": t, "metric": metric, "value": v, "stderr": 0.01, "n": 100, "status": "ok", "lm_eval": "0.4.13",
+        rows = [{"task": t, "metric": metric, "value": v, "stderr": stderr, "n": 100, "status": "ok", "lm_eval": "0.4.13",
                  "task_version": "2.0" if t == "boolq" else "1.0"} for t, v in accs.items() for metric in ("acc", "acc_norm")]
         io.write_table(rows, path)
         self.zeroshot.append(str(path))
@@ -175,6 +179,26 @@ def test_zeroshot_over_seeds(tmp_path):
     assert text.strip().endswith("mean ± std (number of seeds).")
 
 
+def test_zeroshot_cells_show_lm_evals_standard_error(tmp_path):
+    config = make_config(calibration={"dataset": "c", "nsamples": 2, "seqlen": 8, "seeds": [0, 1]})
+    config["evals"]["zeroshot"] = {"tasks": ["boolq", "rte"]}
+    r = Results(tmp_path)
+    r.zeroshot_run("dense", "none", "noseed", {"boolq": 0.70, "rte": 0.60}, stderr=0.01)
+    r.zeroshot_run("wanda", "2-4", "seed0", {"boolq": 0.60, "rte": 0.50}, sparsity=0.5, stderr=0.01)
+    r.zeroshot_run("wanda", "2-4", "seed1", {"boolq": 0.62, "rte": 0.56}, sparsity=0.5, stderr=0.01)
+    text, out = r.aggregate(config)
+    # One run: lm-eval's standard error of 1 point is +-2.0 at 95%; the mean of two tasks +-2.0 / sqrt(2). Two seeds
+    # make wide intervals (Student's t with one degree of freedom): each overlaps dense's, so all carry the letter a.
+    assert "| G | Model | Dense | 0.0% | 70.00 ±2.0 ~a | 60.00 ±2.0 ~a | 65.00 ±1.4 ~a |" in text
+    assert "| G | Model | Wanda | 50.0% | 61.00 ± 1.41 (2) ~a | 53.00 ± 4.24 (2) ~a | 57.00 ± 2.83 (2) ~a |" in text
+    assert "mean ± std (number of seeds)." in text and "lm-eval's standard error" in text
+    assert text.strip().endswith("their order is not a result.")
+    bench = pd.read_parquet(out["benchmark"])
+    dense = bench[(bench["method"] == "dense") & (bench["metric"] == "acc")].set_index("dataset")
+    assert dense.loc["boolq", "ci_low"] == pytest.approx(0.70 - 1.96 * 0.01, abs=1e-4)
+    assert dense.loc["boolq", "ci_high"] == pytest.approx(0.70 + 1.96 * 0.01, abs=1e-4)
+
+
 def test_a_failed_seed_is_counted_apart(tmp_path):
     r = Results(tmp_path)
     r.ppl_run("dense", "none", "noseed", 20.0)
@@ -183,6 +207,50 @@ def test_a_failed_seed_is_counted_apart(tmp_path):
     r.ppl_run("wanda", "unstructured-0.5", "seed2", float("nan"), 0.5, status="failed: NaN")
     text, _ = r.aggregate(make_config(calibration={"dataset": "c", "nsamples": 2, "seqlen": 8, "seeds": [0, 1, 2]}))
     assert md_table(text, "WikiText-2 perplexity, Model (G)").loc["Wanda", "unstructured 50%"] == "34.00 ± 1.41 (2), 1 failed"
+
+
+def test_tie_letters_mark_overlapping_intervals():
+    # a and b overlap; b and d; d and c; a is apart from d and c: three groups, lettered from the lowest up.
+    letters = tables.tie_letters({"a": (1, 3), "b": (2, 4), "c": (5, 6), "d": (3.5, 5.5), "e": (9, 10), "f": (None, None)})
+    assert letters == {"a": "a", "b": "ab", "d": "bc", "c": "c", "e": "", "f": ""}
+    assert tables.tie_letters({"x": (1, 2), "y": (3, 4)}) == {"x": "", "y": ""}  # apart: no letters
+    assert tables.tie_letters({"x": (1, 5), "y": (2, 3), "z": (2.5, 4)}) == {"x": "a", "y": "a", "z": "a"}
+
+
+def test_perplexity_cells_show_their_interval_and_which_overlap(tmp_path):
+    r = Results(tmp_path)
+    run = {"dtype": "bfloat16", "isa": "avx2", "kernels": "AVX2", "window_nll": [3.4, 3.6, 3.5]}
+    r.ppl_run("dense", "none", "noseed", 20.0, interval=(19.0, 21.2), **run)
+    r.ppl_run("wanda", "unstructured-0.5", "seed0", 33.0, 0.5, interval=(31.0, 35.0), **run)
+    r.ppl_run("magnitude", "unstructured-0.5", "noseed", 34.0, 0.5, interval=(32.0, 36.4), **run)
+    r.ppl_run("wanda", "2-4", "seed0", 60.0, 0.5, interval=(55.0, 66.0), **run)
+    r.ppl_run("magnitude", "2-4", "noseed", 300.0, 0.5, interval=(251.0, 351.0), **run)
+    text, out = r.aggregate(make_config())
+    t = md_table(text, "WikiText-2 perplexity, Model (G)")
+    # Half the interval's width, to two digits; Wanda and magnitude at 50% overlap (a), at 2:4 they are apart.
+    assert t.loc["Dense", "dense"] == "20.00 ±1.1"
+    assert t.loc["Wanda", "unstructured 50%"] == "33.00 ±2.0 ~a" and t.loc["Magnitude", "unstructured 50%"] == "34.00 ±2.2 ~a"
+    assert t.loc["Wanda", "2:4"] == "60.00 ±5.5" and t.loc["Magnitude", "2:4"] == "300.00 ±50"
+    assert "±: half the width of the 95% interval" in text and "~a: cells of a column that share a letter" in text
+    csv = pd.read_csv(out["csv"]).set_index(["method", "column"])
+    assert csv.loc[("wanda", "2-4"), "low"] == 55.0 and csv.loc[("wanda", "2-4"), "high"] == 66.0
+    assert csv.loc[("wanda", "unstructured-0.5"), "tie"] == "a" and pd.isna(csv.loc[("wanda", "2-4"), "tie"])
+    bench = pd.read_parquet(out["benchmark"]).set_index(["method", "pattern"])
+    assert bench.loc[("magnitude", "2-4"), "ci_low"] == 251.0 and bench.loc[("magnitude", "2-4"), "ci_high"] == 351.0
+    assert list(bench.loc[("dense", "none"), "window_nll"]) == [3.4, 3.6, 3.5]  # for paired comparisons
+    assert (bench["dtype"] == "bfloat16").all() and (bench["isa"] == "avx2").all() and (bench["kernels"] == "AVX2").all()
+    assert open(out["plot"], "rb").read(4) == b"\x89PNG"
+
+
+def test_cell_interval_over_seeds_adds_the_seeds_spread():
+    ok = pd.DataFrame({"value": [33.0, 35.0], "ci_low": [32.0, 34.0], "ci_high": [34.0, 36.0]})
+    low, high = tables.cell_interval(ok)
+    from scipy import stats
+
+    seeds = stats.t.ppf(0.975, 1) * ok["value"].std() / 2 ** 0.5  # Student's t of the mean of two seeds
+    assert (low, high) == pytest.approx((34.0 - (seeds ** 2 + 1) ** 0.5, 34.0 + (seeds ** 2 + 1) ** 0.5))
+    assert tables.cell_interval(ok.iloc[:1]) == (32.0, 34.0)
+    assert tables.cell_interval(ok.assign(ci_low=[32.0, None])) == (None, None)  # a run without one: none
 
 
 def write_published(tmp_path, blocks) -> str:

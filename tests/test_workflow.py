@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = Path(__file__).parent / "data" / "tasks"
 
 
-def smk(workdir, config, *args, timeout=900, env=None):
-    """Run Snakemake on the repository's Snakefile in `workdir` with `config` (bounded in time)."""
+def smk(workdir, config, *args, timeout=900, env=None, snakefile=ROOT / "Snakefile"):
+    """Run Snakemake on the repository's Snakefile (or `snakefile`) in `workdir` with `config` (bounded in time)."""
     cfg = Path(workdir) / "config.yaml"
     if not isinstance(config, (str, Path)):
         cfg.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -26,7 +27,7 @@ def smk(workdir, config, *args, timeout=900, env=None):
     if lock.exists():
         for f in lock.iterdir():
             f.unlink()
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
            "--configfile", str(config), "--cores", "2", *map(str, args)]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
@@ -268,7 +269,15 @@ def test_end_to_end_results(e2e):
     rows = md_rows(table, "WikiText-2 perplexity, SmolLM2-135M (SmolLM2)")
     assert rows[0] == ["method", "dense", "unstructured 50%", "2:4"]
     assert [r[0] for r in rows[1:]] == ["Dense", "Magnitude", "Wanda", "SparseGPT"]
-    assert rows[3] == ["Wanda", "", f"{smol[('wanda', 'unstructured-0.5')]:.2f}", f"{smol[('wanda', '2-4')]:.2f}"]
+    # Each value with half its 95% interval over the 3 evaluation windows (and a letter where it overlaps another).
+    assert rows[3][:2] == ["Wanda", ""] and rows[3][2].startswith(f"{smol[('wanda', 'unstructured-0.5')]:.2f} ±")
+    assert rows[3][3].startswith(f"{smol[('wanda', '2-4')]:.2f} ±")
+    assert (df["ci_low"] < df["value"]).all() and (df["value"] < df["ci_high"]).all()
+    assert df["window_nll"].map(len).eq(3).all() and (df["dtype"] == "float32").all()
+    from wanda_core.hardware import cpu_isa
+
+    assert (df["isa"] == cpu_isa()).all() and df["kernels"].notna().all() and (df.loc[df["method"] != "dense", "prune_isa"] == cpu_isa()).all()
+    assert zs["ci_low"].notna().all()  # lm-eval's standard error, as an interval
     csv = pd.read_csv(results / "tables" / "perplexity.csv")
     assert {"dataset", "model", "method", "column", "value", "std", "n", "sparsity", "text"} <= set(csv.columns)
     assert len(csv) == 2 * 5 and (csv["n"] == 1).all()
@@ -455,3 +464,71 @@ def test_seqlen_model_end_to_end_rows_captions_and_published(tmp_path):
     assert delta.loc["Alike", "compared"] and delta.loc["Alike", "ours"] == pytest.approx(df.loc["wanda", "value"])
     assert not delta.loc["At 2048", "compared"] and pd.isna(delta.loc["At 2048", "ours"])
     assert delta.loc["At 2048", "comparison"] == "not compared: published at 2048, ours at 128"
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory, tiny_sources):
+    """A finished tiny run inside a checkout of its own (Snakefile, workflow/, config/), run where it lives as the
+    demo is, with a model, zero-shot tasks and published figures inside it, all named by relative paths."""
+    root = tmp_path_factory.mktemp("checkout") / "wanda-bench"
+    root.mkdir()
+    for name in ("Snakefile", "environment.yml"):
+        shutil.copy2(ROOT / name, root / name)
+    for name in ("workflow", "config"):
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(tiny_sources["llama"], root / "models" / "tiny-llama")
+    shutil.copytree(TASKS, root / "tasks")
+    config = base_config(tiny_sources, published="config/published.yaml")
+    config["models"]["tiny-llama"]["source"] = "models/tiny-llama"
+    config["evals"]["zeroshot"] = {"tasks": ["tiny_mc"], "include_path": "tasks", "limit": 4, "batch_size": 4}
+    path = root / "config" / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    proc = smk(root, path, snakefile=root / "Snakefile", timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return root, config
+
+
+def files_of(root: Path) -> dict:
+    """Every file of a run (Snakemake's own bookkeeping left out) with its size and modification time."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file() and ".snakemake" not in p.parts}
+
+
+def test_a_moved_checkout_has_nothing_to_do(checkout, tmp_path):
+    """Job inputs and params name files relative to the checkout (the zero-shot tasks' folder, published figures,
+    a model source inside it): copied elsewhere, with the original gone, its dry run finds nothing to do."""
+    root, _ = checkout
+    moved = shutil.copytree(root, tmp_path / "moved", symlinks=True)  # as cp -a: contents and modification times
+    away = root.rename(root.with_name("away"))  # nothing may still point at the old place
+    try:
+        proc = smk(moved, moved / "config" / "tiny.yaml", "-n", snakefile=moved / "Snakefile")
+    finally:
+        away.rename(root)
+    assert "Nothing to be done" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+    assert job_counts(proc) == {}
+
+
+@pytest.mark.parametrize("typo,env,message", [
+    ("pypi:llm-smollm3", {}, "model source pypi:llm-smollm3: Python package 'llm_smollm3' is not installed"),
+    ("./models/tiny-lama", {}, "model source not found: ./models/tiny-lama"),
+    # 'org/name' is a hub id, or a relative path with a typo: offline, neither can be found.
+    ("models/tiny-lama", {"HF_HUB_OFFLINE": "1"}, "model source models/tiny-lama: no such local path, and as a Hugging "
+     "Face Hub id it is not in the local cache while the Hub is offline (HF_HUB_OFFLINE)"),
+])
+def test_a_typo_in_a_model_source_destroys_nothing(checkout, tmp_path, typo, env, message):
+    """A changed source would rerun the model's materialize job, and Snakemake removes a job's output before it
+    runs: the source is checked first, and the run stops with one line naming it, every output in place."""
+    root, config = checkout
+    assert json.loads((root / "resources" / "models" / "tiny-llama" / "wanda_source.json").read_text()) == \
+        {"source": "models/tiny-llama"}  # what materialize read, recorded beside the model
+    before = files_of(root)
+    bad = json.loads(json.dumps(config))
+    bad["models"]["tiny-llama"]["source"] = typo
+    path = tmp_path / "typo.yaml"  # outside the checkout: nothing in it may change
+    path.write_text(yaml.safe_dump(bad, sort_keys=False))
+    proc = smk(root, path, snakefile=root / "Snakefile", env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in out, out[-3000:]
+    kept = "(resources/models/tiny-llama, made from models/tiny-llama, is kept)"
+    assert [line for line in out.splitlines() if "source" in line] == [f"config models.tiny-llama.source: {message} {kept}"], \
+        out[-3000:]
+    assert files_of(root) == before

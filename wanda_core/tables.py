@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -99,6 +100,9 @@ def long_table(ppl_files: list[str], report_files: list[str], config: dict, zero
             "target_sparsity": _target_sparsity(meth["method"], pattern, report),
             "sparsity": sparsity, "dataset": dataset, "metric": metric, "value": value,
             "status": _status(result, metric, value), **extra,
+            # What the figures were computed in, and on: dtypes and the CPU class (or GPU) of the evaluation and of the prune.
+            "dtype": result.get("dtype"), "prune_dtype": report.get("dtype"), "compute_dtype": report.get("compute_dtype"),
+            "isa": result.get("isa"), "kernels": result.get("kernels"), "prune_isa": report.get("isa"),
             "prune_seconds": report.get("seconds"), "eval_seconds": result.get("seconds"),
             **calibration_protocol(report, calib, seed), "seed": seed,
             "wanda_core": result.get("wanda_core"), "torch": result.get("torch"),
@@ -111,13 +115,17 @@ def long_table(ppl_files: list[str], report_files: list[str], config: dict, zero
         p = Path(path)
         result = pd.read_parquet(p).iloc[0].to_dict()
         dataset = p.stem.partition("+")[0]
+        nll = result.get("window_nll")
         rows.append(row(p, result, dataset, "perplexity", float(result["perplexity"]), eval_dataset=dataset,
+                        ci_low=result.get("perplexity_low"), ci_high=result.get("perplexity_high"),
+                        window_nll=None if nll is None else [float(x) for x in nll],
                         **{f"eval_{k}": _known(result.get(k)) for k in ("seqlen", "seqlen_rule", "windows", "tokens", "text_tokens")}))
     for path in zeroshot_files:
         p = Path(path)
         for result in pd.read_parquet(p).to_dict("records"):
+            low, high = _stderr_interval(float(result["value"]), result.get("stderr"))
             rows.append(row(p, result, result["task"], result["metric"], float(result["value"]),
-                            stderr=result.get("stderr"), n=result.get("n"), eval_dataset=result["task"],
+                            stderr=result.get("stderr"), n=result.get("n"), ci_low=low, ci_high=high, eval_dataset=result["task"],
                             task_version=_known(result.get("task_version")), num_fewshot=_known(result.get("num_fewshot"))))
     df = pd.DataFrame(rows)
     if len(df):
@@ -155,6 +163,17 @@ def calibration_protocol(report: dict, calib: dict, seed) -> dict:
     length = _int(made.get("seqlen")) or (written if isinstance(written, int) else None)  # 'model': in the report
     sampler = made.get("sampler") or calib.get("sampler", "stream")
     return dict(zip(keys, (f"{calib['dataset']} {nsamples}x{length or '?'}", calib["dataset"], sampler, nsamples, length)))
+
+
+# z of a two-sided 95% interval: a zero-shot accuracy's interval is its value +- Z95 lm-eval standard errors.
+Z95 = 1.959964
+
+
+def _stderr_interval(value: float, stderr) -> tuple[float | None, float | None]:
+    """The 95% interval of an accuracy from lm-eval's standard error, within [0, 1]; (None, None) without one."""
+    if stderr is None or not math.isfinite(float(stderr)) or not math.isfinite(value):
+        return None, None
+    return max(0.0, value - Z95 * float(stderr)), min(1.0, value + Z95 * float(stderr))
 
 
 def _finetune_suffix(config: dict, name: str | None) -> str:
@@ -208,23 +227,80 @@ def published_for_grid(path, config: dict) -> pd.DataFrame:
 # --- cells: seeds reduced to mean, std, count ---
 
 def cell_stats(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Per cell (keys), over seeds: mean, std and count of the successful values, failures, mean measured sparsity."""
+    """Per cell (keys), over seeds: mean, std and count of the successful values, failures, mean measured sparsity,
+    and the cell's 95% interval (low, high; see cell_interval)."""
     rows = []
     for key, g in df.groupby(keys, sort=False, dropna=False):
-        ok = g.loc[g["status"] == "ok", "value"]
-        rows.append({**dict(zip(keys, key)), "value": float(ok.mean()) if len(ok) else None,
-                     "std": float(ok.std()) if len(ok) > 1 else None, "n": len(ok), "failed": len(g) - len(ok),
-                     "sparsity": float(g["sparsity"].mean())})
-    return pd.DataFrame(rows, columns=[*keys, "value", "std", "n", "failed", "sparsity"])
+        ok = g[g["status"] == "ok"]
+        low, high = cell_interval(ok)
+        rows.append({**dict(zip(keys, key)), "value": float(ok["value"].mean()) if len(ok) else None,
+                     "std": float(ok["value"].std()) if len(ok) > 1 else None, "n": len(ok), "failed": len(g) - len(ok),
+                     "sparsity": float(g["sparsity"].mean()), "low": low, "high": high})
+    return pd.DataFrame(rows, columns=[*keys, "value", "std", "n", "failed", "sparsity", "low", "high"])
 
 
-def cell_text(value, std, n, failed, note: str = "") -> str:
-    """'7.52', '7.52 ± 0.11 (3)' over several seeds, 'failed' when no run succeeded."""
+def cell_interval(ok: pd.DataFrame) -> tuple[float | None, float | None]:
+    """The 95% interval of a cell from its successful runs' own intervals (ci_low, ci_high) and their spread.
+
+    One run: its interval (over the evaluation windows, or from lm-eval's standard error). Several seeds,
+    all evaluated on the same text: the mean, +- the two half-widths combined in quadrature, the seeds'
+    (Student's t of their mean) and the average of the runs' own. (None, None) where a run has none.
+    """
+    if not len(ok) or "ci_low" not in ok or ok["ci_low"].isna().any() or ok["ci_high"].isna().any():
+        return None, None
+    if len(ok) == 1:
+        return float(ok["ci_low"].iloc[0]), float(ok["ci_high"].iloc[0])
+    from scipy import stats
+
+    n, mean = len(ok), float(ok["value"].mean())
+    seeds = float(stats.t.ppf(0.975, n - 1)) * float(ok["value"].std()) / math.sqrt(n)
+    own = float(((ok["ci_high"] - ok["ci_low"]) / 2).mean())
+    half = math.hypot(seeds, own)
+    return mean - half, mean + half
+
+
+def _two_digits(x: float) -> str:
+    """x to two significant digits, without an exponent: 1.4, 0.14, 210."""
+    if x <= 0 or not math.isfinite(x):
+        return f"{x:.2f}"
+    return f"{x:.{max(0, 1 - math.floor(math.log10(x)))}f}"
+
+
+def cell_text(value, std, n, failed, note: str = "", low=None, high=None, tie: str = "") -> str:
+    """'7.52', '7.52 ±0.31' with a 95% interval (half its width), '7.52 ± 0.11 (3)' over several seeds,
+    'failed' when no run succeeded; ' ~a' when its interval overlaps those of the cells that share the letter."""
     n, failed = int(n), int(failed)
     if not n:
         return "failed" if failed else ""
-    text = f"{value:.2f}" if n == 1 else f"{value:.2f} ± {std:.2f} ({n})"
-    return text + (f", {failed} failed" if failed else "") + note
+    if n > 1:
+        text = f"{value:.2f} ± {std:.2f} ({n})"
+    elif low is not None and high is not None and not (pd.isna(low) or pd.isna(high)):
+        text = f"{value:.2f} ±{_two_digits((high - low) / 2)}"
+    else:
+        text = f"{value:.2f}"
+    return text + (f", {failed} failed" if failed else "") + note + (f" ~{tie}" if tie else "")
+
+
+def tie_letters(intervals: dict) -> dict:
+    """Letters for cells whose 95% intervals overlap: {key: (low, high)} -> {key: 'a', 'ab', ...; '' when apart}.
+
+    Cells that share a letter overlap one another, so their order is not a result. A letter stands for a
+    largest group of cells whose intervals share a point (intervals overlap pairwise exactly when they do),
+    lettered from the lowest group up; a cell apart from all others gets none. Keys without an interval
+    (None or NaN) get none.
+    """
+    spans = {k: (float(lo), float(hi)) for k, (lo, hi) in intervals.items()
+             if lo is not None and hi is not None and not (pd.isna(lo) or pd.isna(hi))}
+    groups = []
+    for _, (start, _) in sorted(spans.items(), key=lambda kv: kv[1]):
+        group = {k for k, (lo, hi) in spans.items() if lo <= start <= hi}
+        if len(group) > 1 and not any(group <= g for g in groups):
+            groups = [g for g in groups if not g < group] + [group]
+    letters = {k: "" for k in intervals}
+    for i, group in enumerate(groups):
+        for k in group:
+            letters[k] += "abcdefghijklmnopqrstuvwxyz"[i % 26]
+    return letters
 
 
 def column_sparsity(cells: pd.DataFrame, column: str) -> float | None:
@@ -301,6 +377,7 @@ def perplexity_tables(cells: pd.DataFrame, published: pd.DataFrame, config: dict
             sparsity = {col: column_sparsity(c, col) for col in columns}
             titles = {col: column_title(col, config, sparsity[col]) for col in columns}
             pub = published[(published["model"] == model) & (published["dataset"] == dataset)] if len(published) else published
+            ties = column_ties(c)
             rows = []
             for method in ordered(c["method"], list(config["methods"])):
                 m = c[c["method"] == method]
@@ -310,7 +387,8 @@ def perplexity_tables(cells: pd.DataFrame, published: pd.DataFrame, config: dict
                         target = sparsity[cell.column]
                         off = target is not None and abs(cell.sparsity - target) > SPARSITY_TOLERANCE
                         row[titles[cell.column]] = cell_text(cell.value, cell.std, cell.n, cell.failed,
-                                                             f" [{cell.sparsity:.1%}]" if off else "")
+                                                             f" [{cell.sparsity:.1%}]" if off else "", cell.low, cell.high,
+                                                             ties[cell.Index])
                     rows.append(row)
                     if len(pub) and label == config["methods"][method].get("label", method):
                         kind = config["methods"][method]["method"]
@@ -384,6 +462,16 @@ def zeroshot_caption(df: pd.DataFrame) -> str:
     return text + "."
 
 
+def column_ties(cells: pd.DataFrame, by: str = "column") -> pd.Series:
+    """tie_letters within each value of `by` (a table's column), indexed like `cells`: the cells that share a
+    letter in a column have overlapping 95% intervals."""
+    ties = pd.Series("", index=cells.index, dtype=object)
+    for _, g in cells.groupby(by, sort=False):
+        letters = tie_letters({i: (r.low, r.high) for i, r in zip(g.index, g.itertuples())})
+        ties.loc[list(letters)] = list(letters.values())
+    return ties
+
+
 # --- zero-shot accuracy ---
 
 def zeroshot_cells(df: pd.DataFrame) -> pd.DataFrame:
@@ -393,11 +481,16 @@ def zeroshot_cells(df: pd.DataFrame) -> pd.DataFrame:
     if not len(acc):
         return cell_stats(pd.DataFrame(columns=[*keys, "dataset", "value", "status", "sparsity"]), [*keys, "dataset"])
     acc["value"] = acc["value"] * 100
+    for bound in ("ci_low", "ci_high"):
+        acc[bound] = acc[bound] * 100 if bound in acc else float("nan")
     tasks = list(dict.fromkeys(acc["dataset"]))
     means = []
     for key, g in acc.groupby([*keys, "pattern", "seed"], sort=False, dropna=False):
         complete = len(g) == len(tasks) and (g["status"] == "ok").all()
-        means.append({**g.iloc[0].to_dict(), "dataset": "Mean", "value": g["value"].mean() if complete else float("nan"),
+        mean = g["value"].mean() if complete else float("nan")
+        # The tasks' errors are independent: the mean's half-width is the root of the summed squares over the count.
+        half = math.sqrt((((g["ci_high"] - g["ci_low"]) / 2) ** 2).sum(skipna=False)) / len(g)
+        means.append({**g.iloc[0].to_dict(), "dataset": "Mean", "value": mean, "ci_low": mean - half, "ci_high": mean + half,
                       "status": "ok" if complete else "failed: a task is missing or failed"})
     return cell_stats(pd.concat([acc, pd.DataFrame(means)], ignore_index=True), [*keys, "dataset"])
 
@@ -415,17 +508,20 @@ def zeroshot_tables(cells: pd.DataFrame, published: pd.DataFrame, config: dict) 
     tables = []
     for column in columns:
         d = cells[(cells["column"] == column) | (cells["column"] == "dense")]
+        ties = column_ties(d, by="dataset")  # rows of one task column whose intervals overlap
         rows = []
         for model in model_order(config):
             spec = config["models"][model]
             for method in ordered(d.loc[d["model"] == model, "method"], list(config["methods"])):
                 m = d[(d["model"] == model) & (d["method"] == method)]
                 for label in m["method_label"].unique():
-                    g = m[m["method_label"] == label].set_index("dataset")
+                    g = m[m["method_label"] == label]
+                    g = g.assign(tie=ties[g.index]).set_index("dataset")
                     row = {"group": spec["group"], "model": spec.get("label", model), "method": label, "source": "measured",
                            "sparsity": f"{g['sparsity'].iloc[0]:.1%}"}
                     for task in [*tasks, "Mean"]:
-                        row[task] = cell_text(*g.loc[task, ["value", "std", "n", "failed"]]) if task in g.index else ""
+                        row[task] = (cell_text(*g.loc[task, ["value", "std", "n", "failed"]], "", *g.loc[task, ["low", "high", "tie"]])
+                                     if task in g.index else "")
                     rows.append(row)
                     kind = config["methods"][method]["method"]
                     if len(pub) and label == config["methods"][method].get("label", method):
@@ -586,16 +682,30 @@ def _write_csv(df: pd.DataFrame, path) -> None:
         df.to_csv(tmp, index=False)
 
 
-def tidy(cells: pd.DataFrame, config: dict) -> pd.DataFrame:
-    """Cells for a CSV: one row per cell with its numbers, its column's title and the text the tables show."""
+def tidy(cells: pd.DataFrame, config: dict, tie_keys: list[str] | None = None) -> pd.DataFrame:
+    """Cells for a CSV: one row per cell with its numbers (95% interval: low, high), its column's title and the
+    text the tables show; with tie_keys, `tie`: the letters of overlapping intervals among cells alike in those keys."""
     t = cells.copy()
     t.insert(t.columns.get_loc("column") + 1, "title", [pattern_title(c, config) if c != "dense" else "dense" for c in t["column"]])
-    t["text"] = [cell_text(r.value, r.std, r.n, r.failed) for r in t.itertuples()]
+    if tie_keys and len(t):
+        t["tie"] = column_ties(t, by=tie_keys)
+    t["text"] = [cell_text(r.value, r.std, r.n, r.failed, "", r.low, r.high, getattr(r, "tie", "")) for r in t.itertuples()]
     return t
 
 
 SEEDS_NOTE = "Cells over several calibration seeds read mean ± std (number of seeds)."
 SPARSITY_NOTE = "[x%]: the measured sparsity, where it differs from the column's."
+INTERVAL_NOTE = ("±: half the width of the 95% interval (perplexity: over the evaluation windows; accuracy: lm-eval's "
+                 "standard error).")
+TIE_NOTE = "~a: cells of a column that share a letter have overlapping 95% intervals: their order is not a result."
+
+
+def _notes(tables, *notes: str) -> str:
+    """The notes that apply to these tables: the interval's when a cell shows one, the letters' when a cell has one."""
+    cells = [str(v) for _, t in tables for v in t.to_numpy().ravel()]
+    extra = [INTERVAL_NOTE if any(re.search(r" ±\d", v) for v in cells) else "",
+             TIE_NOTE if any(re.search(r" ~[a-z]+$", v) for v in cells) else ""]
+    return " ".join(n for n in (*notes, *extra) if n)
 
 
 def aggregate(ppl_files, report_files, zeroshot_files, config, out: dict, layer_files=()) -> str:
@@ -617,14 +727,16 @@ def aggregate(ppl_files, report_files, zeroshot_files, config, out: dict, layer_
     seeds_note = SEEDS_NOTE if several else ""
     ppl_tables = perplexity_tables(ppl, published, config)
     noted = any(str(v).endswith("%]") for _, t in ppl_tables for v in t.to_numpy().ravel())  # a sparsity in brackets
-    ppl_note = " ".join(n for n in (seeds_note, SPARSITY_NOTE if noted else "") if n)
+    ppl_note = _notes(ppl_tables, seeds_note, SPARSITY_NOTE if noted else "")
+    zs_tables = zeroshot_tables(zs, published, config)
     delta = published_delta(ppl, zs, published, config, df)
     compared_note = ("Our value is set beside a published one only where the protocols agree (evaluation length and "
                      "windows, calibration; zero-shot: lm-eval and task versions); elsewhere the comparison says what differs.")
     sections = [
-        ("perplexity", "table", "csv", "html", ppl_tables, tidy(ppl, config), ppl_note, perplexity_captions(df, published, config)),
-        ("zero-shot accuracy", "zeroshot_table", "zeroshot_csv", "zeroshot_html", zeroshot_tables(zs, published, config),
-         tidy(zs, config), seeds_note, zeroshot_caption(df)),
+        ("perplexity", "table", "csv", "html", ppl_tables, tidy(ppl, config, ["dataset", "model", "column"]), ppl_note,
+         perplexity_captions(df, published, config)),
+        ("zero-shot accuracy", "zeroshot_table", "zeroshot_csv", "zeroshot_html", zs_tables,
+         tidy(zs, config), _notes(zs_tables, seeds_note), zeroshot_caption(df)),
         ("ours against published figures", "published_table", "published_csv", "published_html",
          [("Ours against published figures", published_delta_table(delta))] if len(delta) else [], delta,
          " ".join(n for n in (compared_note, seeds_note) if n), None),

@@ -5,7 +5,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 from .errors import WandaError, first_line
@@ -27,17 +26,26 @@ def _lm_eval():
 
 
 def _task_index_cache(include_path) -> Path:
-    """Where the task names of this lm-eval install (+ include folder) are cached; found without importing lm-eval."""
+    """Where the task names of this lm-eval version (+ include folder) are cached; found without importing lm-eval.
+
+    Keyed by what defines the names, not by where they are: lm-eval's version, and the include folder's task
+    files (*.yaml, *.yml, *.py: names and contents), so a copied or moved checkout finds the same entry.
+    """
     import hashlib
     import importlib.metadata
     import importlib.util
 
-    spec = importlib.util.find_spec("lm_eval")
-    if spec is None:
+    from .model import cache_dir
+
+    if importlib.util.find_spec("lm_eval") is None:
         _lm_eval()  # raises the install hint
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wanda-bench"
-    key = f"{importlib.metadata.version('lm_eval')}|{spec.origin}|{Path(include_path).resolve() if include_path else ''}"
-    return root / f"lm_eval_tasks-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    key = hashlib.sha256(importlib.metadata.version("lm_eval").encode())
+    if include_path:
+        root = Path(include_path)
+        for f in sorted(p for p in root.rglob("*") if p.suffix in (".yaml", ".yml", ".py") and p.is_file()):
+            key.update(f"\0{f.relative_to(root).as_posix()}\0".encode())
+            key.update(f.read_bytes())
+    return cache_dir() / f"lm_eval_tasks-{key.hexdigest()[:16]}.json"
 
 
 def _check_folder(include_path) -> None:

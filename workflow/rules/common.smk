@@ -29,6 +29,7 @@ try:
     grid.check_config(config, files=workflow.is_main_process)
     if workflow.is_main_process:  # a job (SLURM, containers) re-reads the workflow; its command checks its task
         grid.check_tasks(config, workflow.basedir)
+        grid.check_sources(config)  # before Snakemake removes a model directory to make it again
 except WandaError as e:
     raise ValueError(str(e)) from None
 
@@ -40,9 +41,14 @@ envvars:
 
 search_path = os.environ["PATH"]
 os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), search_path])
+# A model's `dtype: auto` becomes what this machine computes natively (bfloat16 on avx512_bf16/AMX CPUs, else
+# float32), so that no job runs in emulated bfloat16; GPU jobs resolve it themselves (grid.model_dtype).
+for _model in config["models"]:
+    config["models"][_model]["dtype"] = grid.model_dtype(config, _model)
 RUNS = grid.runs(config)
-# Relative to the repository, so that a run in another --directory finds it too.
-PUBLISHED = [os.path.join(workflow.basedir, config["published"])] if config["published"] else []
+# Found relative to the repository (a run in another --directory finds it too), but named relative to the
+# working directory: an absolute path in a job's inputs or params reruns it when the checkout moves.
+PUBLISHED = [os.path.relpath(os.path.join(workflow.basedir, config["published"]))] if config["published"] else []
 # (model, calibration file name) -> its seed: one calibration (and one pruned model) per seed. The name holds the
 # model's own sequence length (grid.seqlen: a number, or its max_position_embeddings with seqlen: model).
 CALIBRATION_SEEDS = {(m, grid.calibration_id(config, seed, m)): seed for m in config["models"] for seed in grid.seeds(config)}
@@ -51,7 +57,7 @@ CONFIG_HASH = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).enc
 
 
 ZEROSHOT = config["evals"]["zeroshot"]
-TASK_DIR = ZEROSHOT["include_path"] and os.path.join(workflow.basedir, ZEROSHOT["include_path"])
+TASK_DIR = ZEROSHOT["include_path"] and os.path.relpath(os.path.join(workflow.basedir, ZEROSHOT["include_path"]))
 
 
 wildcard_constraints:
