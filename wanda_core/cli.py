@@ -60,6 +60,16 @@ def provenance() -> dict:
             "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "started": _STARTED, "finished": time.time()}
 
 
+def peak_gpu_bytes() -> int | None:
+    """The job's peak CUDA memory so far (torch.cuda.max_memory_allocated, summed over its GPUs); None
+    without CUDA. A result's cost column (wanda_core.cost), beside Snakemake's CPU figures."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return sum(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count()))
+
+
 def cmd_calibrate(a) -> None:
     from . import data, model
 
@@ -144,11 +154,13 @@ def cmd_prune(a) -> None:
         masks, report["sparsity"] = finetune.restrict_masks(m, masks, previous)
         report["start"] = {"pruned": a.start_pruned, "finetuned": a.start_finetuned}
     meta = {k: v for k, v in report.items() if k != "layers"}
+    t0 = time.perf_counter()
     pruned.save_pruned(m, a.out, masks, {"model": a.model, "model_fingerprint": dense, "calibration": calibration,
                                          **meta, **provenance()}, values=report["updates_weights"])
     if a.stats:
         rows = [{"method": report["method"], "pattern": report["pattern"], **r} for r in report["layers"]]
         io.write_table(rows, a.stats)
+    meta["seconds_split"]["saving"] = round(time.perf_counter() - t0, 3)  # the pruned file and the per-layer table
     if a.report:
         io.write_json({**meta, "sparsity_from": a.sparsity_from, **provenance()}, a.report)
     progress_log.info("%s %s %s: sparsity %.4f in %.1f s -> %s", a.model, a.method, report["pattern"], report["sparsity"],
@@ -174,7 +186,7 @@ def cmd_eval_ppl(a) -> None:
         ppl, status = float("nan"), f"failed: {e}"
     result = {"model": a.model, "pruned": a.pruned, **finetuned, "data": a.data, "seqlen": a.seqlen,
               "max_windows": a.max_windows, "perplexity": ppl, "status": status, "seconds": time.perf_counter() - t0,
-              **provenance()}
+              "peak_gpu_bytes": peak_gpu_bytes(), **provenance()}
     if a.out:
         (io.write_table([result], a.out) if a.out.endswith((".parquet", ".csv")) else io.write_json(result, a.out))
     progress_log.info("%s: perplexity %.3f on %s%s", a.pruned or a.model, ppl, a.data, f" -> {a.out}" if a.out else "")
@@ -191,7 +203,8 @@ def cmd_eval_zeroshot(a) -> None:
         pruned.load_pruned(m, a.pruned)
     t0 = time.perf_counter()
     rows = zeroshot.evaluate(m, tokenizer, loaded, a.limit, a.batch_size, a.seed, a.cache)
-    extra = {"model": a.model, "pruned": a.pruned, **finetuned, "seconds": time.perf_counter() - t0, **provenance()}
+    extra = {"model": a.model, "pruned": a.pruned, **finetuned, "seconds": time.perf_counter() - t0,
+             "peak_gpu_bytes": peak_gpu_bytes(), **provenance()}
     rows = [{**r, **extra} for r in rows]
     if a.out:
         io.write_table(rows, a.out)
@@ -241,7 +254,8 @@ def cmd_finetune(a) -> None:
         after = model.check_sparsity(m)
         if after["layers"] != before["layers"]:
             raise RuntimeError("masked fine-tuning changed the sparsity of the pruned weights")  # a bug, never a result
-    report.update({"model": a.model, "base": base, "data": a.data, "sparsity": before["overall"], **provenance()})
+    report.update({"model": a.model, "base": base, "data": a.data, "sparsity": before["overall"],
+                   "peak_gpu_bytes": peak_gpu_bytes(), **provenance()})
     finetune.save_finetuned(net, a.out, report, masks, a.pruned, dense)
     finetune.finish_checkpoint(checkpoint)
     log.info("%s fine-tuning of %s: loss %.4f -> %.4f in %d steps (%.2f s/step) -> %s", recipe["kind"],
