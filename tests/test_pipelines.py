@@ -168,16 +168,16 @@ def test_one_pass_masks_do_not_depend_on_where_memory_comes_from(monkeypatch, me
     masks and weights are bit-identical with and without it. On SmolLM2 the mask hashes before and after
     it are in bench/results/one_pass_floor_cpu.json."""
     kept, kept_report = _prune(method, "one_pass", pattern=pattern, sparsity=None if ":" in pattern else 0.5)
-    monkeypatch.setattr(engine, "freed_memory_kept", contextlib.nullcontext)
+    monkeypatch.setattr(engine, "freed_memory_kept", lambda: contextlib.nullcontext(engine._NoHeap()))
     plain, plain_report = _prune(method, "one_pass", pattern=pattern, sparsity=None if ":" in pattern else 0.5)
     assert kept_report["masks"].keys() == plain_report["masks"].keys()
     assert all(torch.equal(kept_report["masks"][k], plain_report["masks"][k]) for k in kept_report["masks"])
     assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), plain.state_dict().values()))
 
 
-def test_freed_memory_kept_restores_the_allocator():
-    """Inside, a 64 MB tensor comes from the heap (no page faults once one was freed); after, glibc maps
-    such tensors again, and the kept memory is handed back."""
+def test_freed_memory_kept_reuses_keeps_within_its_limit_and_hands_back():
+    """Inside, a 64 MB tensor comes from the heap (no page faults once one was freed); freed memory over
+    the limit is handed back after a block, and all of it when the context ends."""
     import resource
 
     if engine.platform.libc_ver()[0] != "glibc":
@@ -189,8 +189,23 @@ def test_freed_memory_kept_restores_the_allocator():
         torch.empty(2**24).fill_(1.0)
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-    # The fewest of three tries: the kernel may reclaim idle heap pages now and then (DAMON).
-    with engine.freed_memory_kept():
-        inside = min(faults_of_two_allocations() for _ in range(3))
-    after = min(faults_of_two_allocations() for _ in range(3))
-    assert inside < 1000 < after, (inside, after)  # 64 MB in 4 KB pages: 16384 faults when mapped afresh
+    def resident():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * engine.os.sysconf("SC_PAGE_SIZE")
+
+    with engine.freed_memory_kept() as heap:
+        heap.after_block()  # the limit: twice what is free now, at least 256 MB
+        # The fewest of three tries: the kernel may reclaim idle heap pages now and then (DAMON).
+        assert min(faults_of_two_allocations() for _ in range(3)) < 1000  # 16384 when mapped afresh
+        assert heap.limit >= 2**28
+        heap.limit = heap.libc.mallinfo2().fordblks + 2**29  # what is free now, and 512 MB
+        torch.empty(2**26).fill_(1.0)  # 256 MB, freed at once: kept, within the limit
+        kept = resident()
+        heap.after_block()
+        assert resident() > kept - 2**27
+        heap.limit = 2**26  # 64 MB: now more than that is free, and handed back
+        heap.after_block()
+        assert resident() < kept - 2**27
+        torch.empty(2**26).fill_(1.0)
+        kept = resident()
+    assert resident() < kept - 2**27

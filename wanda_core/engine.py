@@ -86,27 +86,55 @@ def _untimed(phase: str):
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+class _KeptHeap:
+    """The heap while freed_memory_kept() is on: after_block() hands freed memory back once more is
+    kept than twice what the first block left free (its forward's temporaries), so that long-lived
+    tensors scattered between freed ones (pruned weights, masks) cannot grow the process without bound."""
+
+    def __init__(self, libc):
+        self.libc, self.limit = libc, None
+
+    def after_block(self) -> None:
+        free = self.libc.mallinfo2().fordblks
+        if self.limit is None:
+            self.limit = max(2 * free, 256 * 2**20)
+        elif free > self.limit:
+            self.libc.malloc_trim(0)
+
+
+class _NoHeap:
+    def after_block(self) -> None:
+        pass
+
+
 @contextlib.contextmanager
 def freed_memory_kept():
-    """Large CPU tensors from the heap, and freed memory kept there for the next, while inside.
+    """Large CPU tensors from the heap, and freed memory kept there for the next block, while inside.
 
     glibc serves every allocation over 32 MB with its own mmap and unmaps it when freed, so the next
     tensor of that size faults all its pages in again, zeroed by the kernel. A block forward of the
     whole calibration set (one_pass: 32 x 512 tokens of SmolLM2 make 100 MB MLP activations) spent a
-    fifth of its CPU time there; batches of 8 hardly any. Values are unchanged: only where memory
-    comes from. After, glibc's limits are set back and the kept memory is returned (malloc_trim).
+    sixth of its CPU time there; batches of 8 hardly any. Values are unchanged: only where memory
+    comes from. Yields an object whose after_block() bounds what is kept (call it after each block);
+    after, glibc's limits are set back and the kept memory is returned (malloc_trim).
     """
     libc = None
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         with contextlib.suppress(OSError):
             libc = ctypes.CDLL("libc.so.6")
-    if libc is None:
-        yield
+    if libc is None or not hasattr(libc, "mallinfo2"):  # mallinfo2: glibc 2.33 and later
+        yield _NoHeap()
         return
+    libc.mallinfo2.restype = _MallInfo2
     libc.mallopt(_M_MMAP_MAX, 0)
     libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
     try:
-        yield
+        yield _KeptHeap(libc)
     finally:
         libc.mallopt(_M_MMAP_MAX, 65536)  # glibc's defaults
         libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
@@ -398,7 +426,7 @@ def prune(
 
     layers, masks, updated = [], {}, False
     bar = tqdm(enumerate(blocks), total=len(blocks), desc=f"{m.NAME} {pat} {model_name}", disable=not progress)
-    with torch.no_grad(), freed_memory_kept():
+    with torch.no_grad(), freed_memory_kept() as heap:
         for i, block in bar:
             fetch_block(block, compute)
             targets = find_targets(block, f"{path}.{i}")
@@ -438,6 +466,7 @@ def prune(
                         inputs.advance(block, compute)
             layers += [rows[t.name] for t in targets]
             evict_block(block, home)
+            heap.after_block()
             # Without a progress bar (workflow jobs), one line per block says where the job is; the CLI's
             # --log shows these lines (logger wanda_core.progress) on the terminal too.
             (progress_log.debug if progress else progress_log.info)(
