@@ -298,7 +298,13 @@ def main():
     p.add_argument("--cache", type=Path, default=default_cache(), help="where llm-compressor's virtualenv lives")
     p.add_argument("--child-timeout", type=float, default=3600)
     p.add_argument("--name", default="peers_cpu", help="results file bench/results/NAME.json")
+    p.add_argument("--probe-only", action="store_true",
+                   help="only the machine: instruction set and the bf16/float32 matmul timing (no prunes)")
     a = p.parse_args()
+    if a.probe_only:
+        common.write_result(a.name, {"bench": "peers (--probe-only)", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                                     "machine": {**machine(), "loadavg": common.loadavg()}})
+        return
 
     import torch
 

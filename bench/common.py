@@ -125,10 +125,10 @@ AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_E
 def instruction_set():
     """What the CPU offers (/proc/cpuinfo flags), what torch's kernels use, and whether bf16 is native.
 
-    restricted_to: the AVX2_ONLY settings in force, if any. torch routes bf16 matrix products to oneDNN
-    whenever the CPU has AVX-512 (BW/VL/DQ), whatever these settings say; under ONEDNN_MAX_CPU_ISA=AVX2
-    oneDNN then computes them with its reference code, so bf16 is slower under the restriction than on a
-    CPU that really lacks AVX-512 (where torch uses its own bf16 kernels, also far slower than float32).
+    restricted_to: the AVX2_ONLY settings in force, if any. torch still routes bf16 matrix products to
+    oneDNN on a CPU with AVX-512, whatever these settings say, and oneDNN held to AVX2 has no fast bf16
+    path; a CPU that really lacks AVX-512 runs torch's own bf16 kernels instead. Both are some 35-40x
+    slower than float32 (notes: docs/performance.md, CPUs without bf16).
     """
     flags, cpu = set(), ""
     with open("/proc/cpuinfo") as f:
