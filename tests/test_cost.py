@@ -128,7 +128,7 @@ def test_cost_table_relative_to_wanda_and_plot(tmp_path):
     assert cells.loc[("wanda", "unstructured-0.5"), "perplexity"] == 33.0
     assert pd.isna(cells.loc[("dense", "dense"), "prune_s"]) and cells.loc[("dense", "dense"), "eval_s"] == 3.0
     md = Path(out["cost_table"]).read_text()
-    assert md in text and "## Cost, Model" in md
+    assert md in text and "## Cost, Model (G)" in md
     row = next(line for line in md.splitlines() if "| Magnitude |" in line and "2:4" in line)
     assert "| 0.5 |" in row and "| 0.12x |" in row and "| 900 |" in row
     assert "<table" in Path(out["cost_html"]).read_text()

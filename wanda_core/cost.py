@@ -229,14 +229,15 @@ def cost_tables(cells: pd.DataFrame, config: dict) -> list[tuple[str, pd.DataFra
             row["evaluation s"] = _num(r.eval_s)
             rows.append(row)
         spec = config["models"][model]
-        tables.append((f"Cost, {spec.get('label', model)}", pd.DataFrame(rows)))
+        tables.append((f"Cost, {spec.get('label', model)} ({spec['group']})", pd.DataFrame(rows)))
     return tables
 
 
-COST_NOTE = ("prune s: the pruning call (calibration forwards, statistics, the method, the pruned file's saving), "
-             "split into its phases; x Wanda: prune s over Wanda's on the same model and pattern; job: the prune "
-             "job as Snakemake's benchmark measured it (model load included; CPU and memory sampled); evaluation s: "
-             "the wall time of the evaluation jobs of the pruned model. Means over calibration seeds.")
+COST_NOTE = ("prune s: the pruning call, split into forward (calibration passes through the blocks), statistics and "
+             "method s (scores, masks, weight updates); saving: writing the pruned file after it; x Wanda: prune s over "
+             "Wanda's on the same model and pattern; job: the prune job as Snakemake's benchmark file measured it (start-up, "
+             "model load and saving included; CPU and memory sampled); evaluation s: the wall time of the model's "
+             "evaluation jobs. Means over calibration seeds.")
 
 
 # --- quality against cost ---
@@ -262,6 +263,8 @@ def quality_vs_cost_plot(cells: pd.DataFrame, dense: pd.DataFrame, config: dict,
     from .tables import DATASET_TITLES, column_sparsity, column_title
 
     plt = _pyplot()
+    from matplotlib import ticker
+
     c = cells[cells["prune_s"].notna() & cells["perplexity"].notna() & (cells["prune_s"] > 0)]
     panels = list(dict.fromkeys(zip(c["model"], c["column"])))
     ncols = min(4, max(len(panels), 1))
@@ -285,7 +288,11 @@ def quality_vs_cost_plot(cells: pd.DataFrame, dense: pd.DataFrame, config: dict,
             ax.axhline(float(d.iloc[0]), color="0.3", linestyle="--", linewidth=1, label=f"dense: {float(d.iloc[0]):.2f}")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.margins(x=0.25, y=0.15)
+        for axis in (ax.xaxis, ax.yaxis):  # plain numbers at 1, 2 and 5 of each decade
+            axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(ticker.NullFormatter())
+        ax.margins(x=0.3, y=0.15)
         spec = config["models"][model]
         title = column_title(column, config, column_sparsity(cells[cells["model"] == model], column))
         ax.set_title(f"{spec.get('label', model).split(' (')[0]}: {title}", fontsize=9)
@@ -293,7 +300,7 @@ def quality_vs_cost_plot(cells: pd.DataFrame, dense: pd.DataFrame, config: dict,
         dataset = g["dataset"].iloc[0]
         ax.set_ylabel(f"{DATASET_TITLES.get(dataset, dataset)} perplexity (log)", fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=7, loc="best")
     for ax in axes.ravel()[len(panels):]:
         ax.set_axis_off()
     fig.tight_layout()
