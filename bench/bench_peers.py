@@ -16,7 +16,14 @@ wanda_core.prune does not accept is skipped, with a note in the JSON.
         [--ours sequential:float32,one_pass:float32,one_pass:bfloat16,independent:float32]
 
 Writes bench/results/peers_cpu.json (--name) and prints a Markdown table. The defaults make 40
-prunes and 21 evaluations: well over an hour on 2 cores; --cells and --repeats 1 cut it down.
+prunes and 21 evaluations: well over an hour on 2 cores; --cells and --repeats 1 cut it down, and
+--peer-pipelines none leaves llm-compressor out (no virtualenv is made).
+
+The JSON names the machine's instruction set (bench/common.py instruction_set(): /proc/cpuinfo flags,
+torch's kernel level, whether bf16 is native) with a bf16/float32 matrix-product timing, and per cell
+which of our settings was fastest, overall and within 2% of the paper pipeline's perplexity. Run under
+bench/common.py AVX2_ONLY's variables (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+MKL_ENABLE_INSTRUCTIONS=AVX2), it is labelled "this machine restricted to AVX2".
 """
 import argparse
 import datetime
@@ -95,15 +102,33 @@ def our_versions() -> dict:
 
 
 def machine() -> dict:
-    flags, cpu = set(), ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            elif line.startswith("model name") and not cpu:
-                cpu = line.split(":", 1)[1].strip()
-    return {"nproc": os.cpu_count(), "cpu": cpu, "amx": sorted(f for f in flags if f.startswith("amx")),
-            "avx512_bf16": "avx512_bf16" in flags}
+    isa = common.instruction_set()
+    return {"nproc": os.cpu_count(), "cpu": isa["cpu"], "instruction_set": isa, "matmul": matmul_probe()}
+
+
+def matmul_probe(threads: int = 1) -> dict:
+    """Milliseconds of one [4096 x 576] @ [576 x 1536] product (SmolLM2's MLP, 4096 tokens) in float32
+    and in bfloat16, median of 5, on `threads` threads: how this machine (or its restriction) computes bf16."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(4096, 576, generator=torch.Generator().manual_seed(0)), torch.randn(576, 1536)
+    out = {}
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            x, y = a.to(dtype), b.to(dtype)
+            x @ y
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                x @ y
+                times.append(time.perf_counter() - t0)
+            out[f"{str(dtype).removeprefix('torch.')}_ms"] = round(statistics.median(times) * 1000, 1)
+    finally:
+        torch.set_num_threads(saved)
+    out["bf16_over_fp32"] = round(out["bfloat16_ms"] / out["float32_ms"], 2)
+    return out
 
 
 def unsupported(config: str) -> str | None:
@@ -208,6 +233,27 @@ def targets_check(rows: list[dict]) -> list[dict]:
     return out
 
 
+def fastest(rows: list[dict]) -> list[dict]:
+    """Per cell and thread count: which of our settings was fastest, and the fastest whose perplexity is
+    within 2% of the paper pipeline's (the one to use on this machine)."""
+    out = []
+    for key in sorted({(r["method"], r["pattern"], r["threads"]) for r in rows}):
+        ours = [r for r in rows if (r["method"], r["pattern"], r["threads"]) == key and r["tool"] == "ours" and "seconds" in r]
+        if not ours:
+            continue
+        paper = next((r for r in ours if r["config"] == PAPER), None)
+        best = min(ours, key=lambda r: r["seconds"])
+        entry = {"method": key[0], "pattern": key[1], "threads": key[2], "fastest": best["config"], "seconds": best["seconds"],
+                 "by_config": {r["config"]: r["seconds"] for r in ours}}
+        if paper and "ppl" in paper:
+            close = [r for r in ours if "ppl" in r and r["ppl"] <= 1.02 * paper["ppl"]]
+            pick = min(close, key=lambda r: r["seconds"])
+            entry.update(fastest_within_2pct=pick["config"], fastest_within_2pct_seconds=pick["seconds"],
+                         vs_paper=round(pick["seconds"] / paper["seconds"], 3))
+        out.append(entry)
+    return out
+
+
 def table(rows: list[dict]) -> str:
     head = ("| method | pattern | threads | tool | config | prune s (median) | ours/peer | prune CPU s | ours/peer CPU "
             "| process s | peak RSS MiB | ppl | sparsity |")
@@ -236,7 +282,8 @@ def main():
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--ours", default=f"{PAPER},one_pass:float32,one_pass:bfloat16,independent:float32",
                    help="our configurations, PIPELINE:DTYPE,... (include the paper's, sequential:float32)")
-    p.add_argument("--peer-pipelines", default="sequential", help="llm-compressor pipelines, e.g. sequential,basic")
+    p.add_argument("--peer-pipelines", default="sequential",
+                   help="llm-compressor pipelines, e.g. sequential,basic; none: ours only (no llm-compressor install)")
     p.add_argument("--threads", default="1", help="torch threads per child, e.g. 1,2 (one set of columns each)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--nsamples", type=int, default=32)
@@ -251,7 +298,13 @@ def main():
     p.add_argument("--cache", type=Path, default=default_cache(), help="where llm-compressor's virtualenv lives")
     p.add_argument("--child-timeout", type=float, default=3600)
     p.add_argument("--name", default="peers_cpu", help="results file bench/results/NAME.json")
+    p.add_argument("--probe-only", action="store_true",
+                   help="only the machine: instruction set and the bf16/float32 matmul timing (no prunes)")
     a = p.parse_args()
+    if a.probe_only:
+        common.write_result(a.name, {"bench": "peers (--probe-only)", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                                     "machine": {**machine(), "loadavg": common.loadavg()}})
+        return
 
     import torch
 
@@ -259,11 +312,16 @@ def main():
 
     a.model = a.model or common.smollm2_dir()
     loadavg_before = common.loadavg()
+    machine_info = machine()
+    log(f"instruction set: {machine_info['instruction_set']['best']}, torch kernels {machine_info['instruction_set']['torch_capability']}"
+        f"{', ' + machine_info['instruction_set']['restricted_to'] if machine_info['instruction_set']['restricted_to'] else ''}; "
+        f"bf16 matmul {machine_info['matmul']['bf16_over_fp32']}x float32's time")
     started = time.perf_counter()
-    peer = peer_venv(a.cache, a.llmcompressor)
+    peers = [] if a.peer_pipelines == "none" else a.peer_pipelines.split(",")
+    peer = peer_venv(a.cache, a.llmcompressor) if peers else None
     cells = [tuple(c.split(":", 1)) for c in a.cells.split(",")]
     threads = [int(t) for t in a.threads.split(",")]
-    columns = [("ours", c) for c in a.ours.split(",")] + [("llmcompressor", c) for c in a.peer_pipelines.split(",")]
+    columns = [("ours", c) for c in a.ours.split(",")] + [("llmcompressor", c) for c in peers]
     skipped = {c: why for tool, c in columns if tool == "ours" and (why := unsupported(c))}
     for c, why in skipped.items():
         log(f"skipping ours {c}: {why}")
@@ -296,7 +354,8 @@ def main():
                         save = work / "pruned" if (cell, tool, config) not in evals else None
                         done += 1
                         log(f"[{done}/{total}] {tool} {config} {cell_name(cell)} threads={n} repeat {rep + 1}")
-                        run = run_child(tool, config, cell, n, a, calib, work, peer["python"] if tool == "llmcompressor" else sys.executable, save)
+                        python = peer["python"] if tool == "llmcompressor" else sys.executable
+                        run = run_child(tool, config, cell, n, a, calib, work, python, save)
                         runs.setdefault(key, []).append(run)
                         log("  " + (f"failed: {run['error']}" if "error" in run else
                                     f"prune {run['prune_s']:.1f} s, process {run['process_s']:.1f} s, peak RSS {run['peak_rss_mib']:.0f} MiB"))
@@ -336,19 +395,21 @@ def main():
                    "cpu_seconds": "user + system CPU time of the child during that call, median",
                    "process_s": "child process wall time less the save of the pruned model: interpreter, imports, model load, prune",
                    "peak_rss_mib": "VmHWM of the child after the prune (model load included), max over repeats"},
-        "versions": {"ours": our_versions(), "llmcompressor_venv": peer["versions"]},
+        "versions": {"ours": our_versions(), "llmcompressor_venv": peer["versions"] if peer else None},
         "peer": {"oneshot": "sparsity, mask_structure 0:0 or N:M, targets [Linear], ignore ['re:.*lm_head'], "
                             "dataset = the same input_ids windows, shuffle off",
                  "venv": peer["path"], "venv_size_mib": peer["size_mib"], "install_s": peer["install_s"],
-                 "installed_on": peer["installed_on"]},
-        "machine": {**machine(), "loadavg_before": loadavg_before, "loadavg_after": common.loadavg()},
+                 "installed_on": peer["installed_on"]} if peer else "not run (--peer-pipelines none)",
+        "machine": {**machine_info, "loadavg_before": loadavg_before, "loadavg_after": common.loadavg()},
         "total_s": round(time.perf_counter() - started, 1),
         "rows": rows,
         "targets": targets_check(rows),
+        "fastest": fastest(rows),
         "notes": [f"ours {c} skipped: {why}" for c, why in skipped.items()],
     }
     common.write_result(a.name, result, echo=False)
-    print(json.dumps(result["targets"], indent=1))
+    print(json.dumps({"instruction_set": machine_info["instruction_set"], "matmul": machine_info["matmul"],
+                      "fastest": result["fastest"], "targets": result["targets"]}, indent=1))
     print(table(rows))
     log(f"wrote bench/results/{a.name}.json ({result['total_s']} s)")
 

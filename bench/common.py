@@ -113,7 +113,39 @@ def loglog_slope(xs, ys):
 
 def machine_note(start_load=None):
     """Context for noisy numbers: the 2 cores are shared with other work (tests run beside the benchmarks)."""
-    return {"cpus": os.cpu_count(), "torch": torch.__version__, "loadavg_start": start_load, "loadavg_end": loadavg()}
+    return {"cpus": os.cpu_count(), "torch": torch.__version__, "loadavg_start": start_load, "loadavg_end": loadavg(),
+            "instruction_set": instruction_set()}
+
+
+# Settings that make torch, oneDNN and MKL use no more than AVX2 on a CPU that has more: this machine
+# restricted to AVX2, which is not the same as a CPU without AVX-512 (see instruction_set()).
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def instruction_set():
+    """What the CPU offers (/proc/cpuinfo flags), what torch's kernels use, and whether bf16 is native.
+
+    restricted_to: the AVX2_ONLY settings in force, if any. torch still routes bf16 matrix products to
+    oneDNN on a CPU with AVX-512, whatever these settings say, and oneDNN held to AVX2 has no fast bf16
+    path; a CPU that really lacks AVX-512 runs torch's own bf16 kernels instead. Both are some 35-40x
+    slower than float32 (notes: docs/performance.md, CPUs without bf16).
+    """
+    flags, cpu = set(), ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name") and not cpu:
+                cpu = line.split(":", 1)[1].strip()
+    have = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+            if f in flags]
+    restricted = {k: v for k, v in AVX2_ONLY.items() if os.environ.get(k) == v}
+    best = "amx_bf16" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else \
+        "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "older"
+    return {"cpu": cpu, "flags": have, "best": best, "torch_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": best in ("amx_bf16", "avx512_bf16") and not restricted,
+            "restricted_to": "AVX2 (this machine restricted to AVX2, not an AVX2-only machine)" if restricted else None,
+            "restriction_env": restricted or None}
 
 
 def loadavg():

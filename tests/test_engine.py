@@ -134,7 +134,7 @@ def test_matrices_reading_one_input_share_their_statistics(monkeypatch):
         assert torch.equal(a.weight(), b.weight()), a.name
 
 
-def _unshared_hooks(targets, stats, kinds, chunk=0, prune=None):
+def _unshared_hooks(targets, stats, kinds, chunk=0, prune=None, timer=None):
     def hook(mod, args, name):
         stats[name].add(args[0].detach(), kinds)
 

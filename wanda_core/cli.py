@@ -88,6 +88,16 @@ def _dtype(m) -> str:
     return str(next(m.parameters()).dtype).removeprefix("torch.")
 
 
+def peak_gpu_bytes() -> int | None:
+    """The job's peak CUDA memory so far (torch.cuda.max_memory_allocated, summed over its GPUs); None
+    without CUDA. A result's cost column (wanda_core.cost), beside Snakemake's CPU figures."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return sum(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count()))
+
+
 def cmd_calibrate(a) -> None:
     from . import data, model
 
@@ -173,11 +183,13 @@ def cmd_prune(a) -> None:
         masks, report["sparsity"] = finetune.restrict_masks(m, masks, previous)
         report["start"] = {"pruned": a.start_pruned, "finetuned": a.start_finetuned}
     meta = {k: v for k, v in report.items() if k != "layers"}
+    t0 = time.perf_counter()
     pruned.save_pruned(m, a.out, masks, {"model": a.model, "model_fingerprint": dense, "calibration": calibration,
                                          **meta, **provenance()}, values=report["updates_weights"])
     if a.stats:
         rows = [{"method": report["method"], "pattern": report["pattern"], **r} for r in report["layers"]]
         io.write_table(rows, a.stats)
+    meta["seconds_split"]["saving"] = round(time.perf_counter() - t0, 3)  # the pruned file and the per-layer table
     if a.report:
         # The calibration it was pruned with (file, sampler, nsamples, seqlen, seed): the rows of the tables carry it.
         io.write_json({**meta, "sparsity_from": a.sparsity_from, "calibration": calibration, "dtype": _dtype(m), **provenance()}, a.report)
@@ -214,7 +226,7 @@ def cmd_eval_ppl(a) -> None:
               "perplexity": ppl, "status": status, "seconds": time.perf_counter() - t0,
               # The 95% interval over the evaluation windows, and each window's mean NLL (paired comparisons).
               "perplexity_low": low, "perplexity_high": high, "window_nll": [float(x) for x in nll],
-              "dtype": _dtype(m), **provenance()}
+              "dtype": _dtype(m), "peak_gpu_bytes": peak_gpu_bytes(), **provenance()}
     if a.out:
         (io.write_table([result], a.out) if a.out.endswith((".parquet", ".csv")) else io.write_json(result, a.out))
     progress_log.info("%s: perplexity %.3f on %s (95%% interval %.3f-%.3f)%s", a.pruned or a.model, ppl, a.data, low, high,
@@ -233,7 +245,7 @@ def cmd_eval_zeroshot(a) -> None:
     t0 = time.perf_counter()
     rows = zeroshot.evaluate(m, tokenizer, loaded, a.limit, a.batch_size, a.seed, a.cache)
     extra = {"model": a.model, "pruned": a.pruned, **finetuned, "seconds": time.perf_counter() - t0, "dtype": _dtype(m),
-             **provenance()}
+             "peak_gpu_bytes": peak_gpu_bytes(), **provenance()}
     rows = [{**r, **extra} for r in rows]
     if a.out:
         io.write_table(rows, a.out)
@@ -283,7 +295,8 @@ def cmd_finetune(a) -> None:
         after = model.check_sparsity(m)
         if after["layers"] != before["layers"]:
             raise RuntimeError("masked fine-tuning changed the sparsity of the pruned weights")  # a bug, never a result
-    report.update({"model": a.model, "base": base, "data": a.data, "sparsity": before["overall"], **provenance()})
+    report.update({"model": a.model, "base": base, "data": a.data, "sparsity": before["overall"],
+                   "peak_gpu_bytes": peak_gpu_bytes(), **provenance()})
     finetune.save_finetuned(net, a.out, report, masks, a.pruned, dense)
     finetune.finish_checkpoint(checkpoint)
     log.info("%s fine-tuning of %s: loss %.4f -> %.4f in %d steps (%.2f s/step) -> %s", recipe["kind"],

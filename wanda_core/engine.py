@@ -16,9 +16,11 @@ Only the current block needs to be on the compute device.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import inspect
 import logging
 import os
+import platform
 import time
 
 import torch
@@ -36,6 +38,107 @@ progress_log = logging.getLogger("wanda_core.progress")  # one line per block: w
 
 class _StopForward(Exception):
     pass
+
+
+class PhaseTimer:
+    """Seconds of a prune per phase: forward (capture and propagation), statistics, method (score,
+    mask, weight update) and saving (the CLI's). Each second counts once: a phase entered inside
+    another (statistics hooks and one_pass's pruning run inside a block forward) pauses the outer
+    one. On CUDA every switch synchronizes, so that queued kernels count in the phase that queued them."""
+
+    PHASES = ("forward", "statistics", "method", "saving")
+
+    def __init__(self, device: torch.device | None = None):
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        self._stack: list[str] = []
+        self._since = time.perf_counter()
+        self._cuda = device is not None and device.type == "cuda"
+
+    def _switch(self) -> None:
+        if self._cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if self._stack:
+            self.seconds[self._stack[-1]] += now - self._since
+        self._since = now
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        self._switch()
+        self._stack.append(phase)
+        try:
+            yield
+        finally:
+            self._switch()
+            self._stack.pop()
+
+    def split(self, total: float) -> dict:
+        """The phases' seconds, and what none of them covers (model moves, bookkeeping) as 'other'."""
+        out = {k: round(v, 3) for k, v in self.seconds.items()}
+        out["other"] = round(max(total - sum(self.seconds.values()), 0.0), 3)
+        return out
+
+
+def _untimed(phase: str):
+    return contextlib.nullcontext()
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+class _KeptHeap:
+    """The heap while freed_memory_kept() is on: after_block() hands freed memory back once more is
+    kept than twice what the first block left free (its forward's temporaries), so that long-lived
+    tensors scattered between freed ones (pruned weights, masks) cannot grow the process without bound."""
+
+    def __init__(self, libc):
+        self.libc, self.limit = libc, None
+
+    def after_block(self) -> None:
+        free = self.libc.mallinfo2().fordblks
+        if self.limit is None:
+            self.limit = max(2 * free, 256 * 2**20)
+        elif free > self.limit:
+            self.libc.malloc_trim(0)
+
+
+class _NoHeap:
+    def after_block(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def freed_memory_kept():
+    """Large CPU tensors from the heap, and freed memory kept there for the next block, while inside.
+
+    glibc serves every allocation over 32 MB with its own mmap and unmaps it when freed, so the next
+    tensor of that size faults all its pages in again, zeroed by the kernel. A block forward of the
+    whole calibration set (one_pass: 32 x 512 tokens of SmolLM2 make 100 MB MLP activations) spent a
+    sixth of its CPU time there; batches of 8 hardly any. Values are unchanged: only where memory
+    comes from. Yields an object whose after_block() bounds what is kept (call it after each block);
+    after, glibc's limits are set back and the kept memory is returned (malloc_trim).
+    """
+    libc = None
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        with contextlib.suppress(OSError):
+            libc = ctypes.CDLL("libc.so.6")
+    if libc is None or not hasattr(libc, "mallinfo2"):  # mallinfo2: glibc 2.33 and later
+        yield _NoHeap()
+        return
+    libc.mallinfo2.restype = _MallInfo2
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield _KeptHeap(libc)
+    finally:
+        libc.mallopt(_M_MMAP_MAX, 65536)  # glibc's defaults
+        libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+        libc.malloc_trim(0)
 
 
 def _to(obj, device, dtype=None):
@@ -110,6 +213,8 @@ class BlockInputs:
             with in_float32(block):
                 out = self._forward(block, hidden, compute, torch.float32)
         stored = out.to(self.store, self.dtype)
+        if stored is out:  # checked above
+            return out
         # Keep the wider dtype rather than infinities: the next block then falls back to float32 too.
         return stored if torch.isfinite(stored).all() else out.to(self.store)
 
@@ -170,12 +275,13 @@ def _full_precision(hook):
     return run
 
 
-def _stat_hooks(targets: list[Target], stats: dict[str, Stats], kinds: tuple, chunk: int = 0, prune=None) -> list:
+def _stat_hooks(targets: list[Target], stats: dict[str, Stats], kinds: tuple, chunk: int = 0, prune=None,
+                timer=_untimed) -> list:
     """Forward pre-hooks that feed each matrix's inputs to its Stats. Experts see only their own tokens.
 
     chunk: add the inputs `chunk` samples at a time (bounded float32 copies, and the same summation
     order as batches of that size). prune(target): called once a matrix has seen all its inputs,
-    before its own forward (one_pass).
+    before its own forward (one_pass). timer: a PhaseTimer, which counts the additions as statistics.
     """
     handles, by_experts = [], {}
     previous = {"x": None, "name": None}  # the input the last hook saw, and whose statistics it went to
@@ -196,19 +302,20 @@ def _stat_hooks(targets: list[Target], stats: dict[str, Stats], kinds: tuple, ch
             elif owner.get(name, name) != name:
                 raise WandaError(f"{name}: its input changed from one batch to the next; cannot share statistics")
             else:
-                for part in x.detach().split(chunk) if chunk and x.dim() > 2 else (x.detach(),):
-                    stats[name].add(part, kinds)
+                with timer("statistics"):
+                    for part in x.detach().split(chunk) if chunk and x.dim() > 2 else (x.detach(),):
+                        stats[name].add(part, kinds)
                 previous["x"], previous["name"] = x, name
             if prune is not None:
                 prune(t)
 
         handles.append(t.module.register_forward_pre_hook(hook))
     for experts, group in by_experts.values():
-        handles.append(experts.register_forward_pre_hook(_expert_hook(group, stats, kinds, prune), with_kwargs=True))
+        handles.append(experts.register_forward_pre_hook(_expert_hook(group, stats, kinds, prune, timer), with_kwargs=True))
     return handles
 
 
-def _expert_hook(targets: list[Target], stats: dict[str, Stats], kinds: tuple, prune=None):
+def _expert_hook(targets: list[Target], stats: dict[str, Stats], kinds: tuple, prune=None, timer=_untimed):
     """Statistics of fused experts: route each expert's tokens through its own up/gate slice."""
     by_param = {(t.param, t.expert): t for t in targets}
 
@@ -225,7 +332,8 @@ def _expert_hook(targets: list[Target], stats: dict[str, Stats], kinds: tuple, p
                 continue
             x = hidden[tokens]
             up = by_param[(up_name, e)]
-            stats[up.name].add(x, kinds)
+            with timer("statistics"):
+                stats[up.name].add(x, kinds)
             if prune is not None:
                 prune(up)  # one_pass: down_proj's statistics then come from the pruned up/gate
             h = F.linear(x, up.weight())
@@ -235,7 +343,8 @@ def _expert_hook(targets: list[Target], stats: dict[str, Stats], kinds: tuple, p
             h = mod._apply_gate(h) if getattr(mod, "has_gate", True) and hasattr(mod, "_apply_gate") else mod.act_fn(h)
             down = by_param.get(("down_proj", e))
             if down is not None:
-                stats[down.name].add(h, kinds)
+                with timer("statistics"):
+                    stats[down.name].add(h, kinds)
                 if prune is not None:
                     prune(down)
 
@@ -299,27 +408,31 @@ def prune(
     model_name = getattr(model.config, "_name_or_path", type(model).__name__) or type(model).__name__
     requested = pipeline
     t0 = time.perf_counter()
+    timer = PhaseTimer(compute)
     if compute.type == "cuda":
         torch.cuda.reset_peak_memory_stats(compute)
     if kinds and pipeline == "one_pass" and not _one_batch_fits(model, blocks, calibration, compute, autocast):
         pipeline = "sequential"
     if hasattr(m, "allocate"):
-        inputs = _prepare_calibration(model, blocks, calibration, compute, home, batch_size, offload_activations, autocast)
-        patterns = _allocate(m, params, pat, path, blocks, inputs, compute, home, progress, model_name)
+        with timer("forward"):
+            inputs = _prepare_calibration(model, blocks, calibration, compute, home, batch_size, offload_activations, autocast)
+        patterns = _allocate(m, params, pat, path, blocks, inputs, compute, home, progress, model_name, timer)
         del inputs
     inputs = None
     if kinds:
         one_batch = len(calibration) if pipeline == "one_pass" and calibration is not None else batch_size
-        inputs = _prepare_calibration(model, blocks, calibration, compute, home, one_batch, offload_activations, autocast)
+        with timer("forward"):
+            inputs = _prepare_calibration(model, blocks, calibration, compute, home, one_batch, offload_activations, autocast)
 
     layers, masks, updated = [], {}, False
     bar = tqdm(enumerate(blocks), total=len(blocks), desc=f"{m.NAME} {pat} {model_name}", disable=not progress)
-    with torch.no_grad():
+    with torch.no_grad(), freed_memory_kept() as heap:
         for i, block in bar:
             fetch_block(block, compute)
             targets = find_targets(block, f"{path}.{i}")
             rows = {}
 
+            @timer("method")
             def prune_one(t, stats, i=i, rows=rows):
                 nonlocal updated
                 tb = time.perf_counter()
@@ -340,18 +453,20 @@ def prune(
                 for t in targets:
                     prune_one(t, None)
             elif pipeline == "one_pass":
-                _one_pass_block(block, targets, inputs, kinds, compute, prune_one, batch_size, where, last)
+                _one_pass_block(block, targets, inputs, kinds, compute, prune_one, batch_size, where, last, timer)
             else:
                 stats, outputs = _block_stats(block, targets, inputs, kinds, compute, where, batch_size,
-                                              outputs=pipeline == "independent" and not last)
+                                              outputs=pipeline == "independent" and not last, timer=timer)
                 for t in targets:
                     prune_one(t, stats.get(t.name))
                 if outputs is not None:
                     inputs.hidden = outputs
                 elif not last:
-                    inputs.advance(block, compute)
+                    with timer("forward"):
+                        inputs.advance(block, compute)
             layers += [rows[t.name] for t in targets]
             evict_block(block, home)
+            heap.after_block()
             # Without a progress bar (workflow jobs), one line per block says where the job is; the CLI's
             # --log shows these lines (logger wanda_core.progress) on the terminal too.
             (progress_log.debug if progress else progress_log.info)(
@@ -361,10 +476,12 @@ def prune(
     pruned = sum(r["sparsity"] * r["rows"] * r["cols"] for r in layers)
     total = sum(r["rows"] * r["cols"] for r in layers)
     target = sum(r["block_sparsity"] * r["rows"] * r["cols"] for r in layers) / max(total, 1)
+    seconds = time.perf_counter() - t0
     report = {
         "method": m.NAME, "pattern": str(pat), "target_sparsity": target, "params": params,
         "pipeline": pipeline if kinds else None, "compute_dtype": str(autocast).replace("torch.", "") if kinds and autocast else None,
-        "sparsity": pruned / max(total, 1), "pruned_params": total, "seconds": time.perf_counter() - t0,
+        "sparsity": pruned / max(total, 1), "pruned_params": total, "seconds": seconds,
+        "seconds_split": timer.split(seconds),  # the CLI adds the saving's seconds
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(compute) if compute.type == "cuda" else None,
         "updates_weights": updated, "layers": layers,
     }
@@ -451,7 +568,8 @@ class _NotFinite(Exception):
         self.name = name
 
 
-def _one_pass_block(block, targets, inputs: BlockInputs, kinds, compute, prune_one, batch_size, where, last) -> None:
+def _one_pass_block(block, targets, inputs: BlockInputs, kinds, compute, prune_one, batch_size, where, last,
+                    timer=_untimed) -> None:
     """Run the block once on the whole calibration set (one batch) and prune each matrix as the
     forward reaches it: every sample has then gone through the pruned matrices before it."""
     stats = {t.name: Stats() for t in targets}
@@ -467,9 +585,10 @@ def _one_pass_block(block, targets, inputs: BlockInputs, kinds, compute, prune_o
         prune_one(t, stats[t.name])
         done.add(t.name)
 
-    handles = _stat_hooks(targets, stats, kinds, batch_size, prune_reached)
+    handles = _stat_hooks(targets, stats, kinds, batch_size, prune_reached, timer)
     try:
-        outputs = inputs.outputs(block, compute)
+        with timer("forward"):
+            outputs = inputs.outputs(block, compute)
     except _NotFinite as e:
         if saved is None:
             raise WandaError(f"{e.name}: calibration statistics are not finite even in float32 ({where}); "
@@ -484,18 +603,20 @@ def _one_pass_block(block, targets, inputs: BlockInputs, kinds, compute, prune_o
         for h in handles:
             h.remove()
     if outputs is None:
-        stats, _ = _block_stats(block, targets, inputs, kinds, compute, where, batch_size)
+        stats, _ = _block_stats(block, targets, inputs, kinds, compute, where, batch_size, timer=timer)
         for t in targets:
             prune_one(t, stats.get(t.name))
         if not last:
-            inputs.advance(block, compute)
+            with timer("forward"):
+                inputs.advance(block, compute)
         return
     for t in targets:  # matrices the forward never reached (an expert no token chose)
         prune_reached(t)
     inputs.hidden = outputs
 
 
-def _allocate(m, params, pattern, path, blocks, inputs: BlockInputs, compute, home, progress, model_name) -> list[Pattern]:
+def _allocate(m, params, pattern, path, blocks, inputs: BlockInputs, compute, home, progress, model_name,
+              timer=_untimed) -> list[Pattern]:
     """Per-block patterns from a dense pre-pass: block_score of every block, then allocate (OWL)."""
     kinds = (m.ALLOCATION_STATS,)
     scores = []
@@ -505,8 +626,9 @@ def _allocate(m, params, pattern, path, blocks, inputs: BlockInputs, compute, ho
             fetch_block(block, compute)
             targets = find_targets(block, f"{path}.{i}")
             stats, outputs = _block_stats(block, targets, inputs, kinds, compute, f"{model_name} block {i}", 0,
-                                          outputs=i + 1 < len(blocks))
-            scores.append(float(m.block_score([(t.name, t.weight().detach().float(), stats[t.name]) for t in targets], params)))
+                                          outputs=i + 1 < len(blocks), timer=timer)
+            with timer("method"):
+                scores.append(float(m.block_score([(t.name, t.weight().detach().float(), stats[t.name]) for t in targets], params)))
             if outputs is not None:
                 inputs.hidden = outputs
             evict_block(block, home)
@@ -558,14 +680,14 @@ def _prepare_calibration(model, blocks, calibration, compute, home, batch_size, 
 
 
 def _block_stats(block, targets, inputs: BlockInputs, kinds: tuple, compute, where: str, chunk: int = 0,
-                 outputs: bool = False) -> tuple[dict[str, Stats], list | None]:
+                 outputs: bool = False, timer=_untimed) -> tuple[dict[str, Stats], list | None]:
     """Input statistics of every matrix of `block` (and, with outputs=True, its outputs from the same
     forward); recomputed in float32 if they overflow."""
     for dtype in (None, torch.float32):
         stats = {t.name: Stats() for t in targets}
-        handles = _stat_hooks(targets, stats, kinds, chunk)
+        handles = _stat_hooks(targets, stats, kinds, chunk, timer=timer)
         try:
-            with in_float32(block) if dtype else contextlib.nullcontext():
+            with in_float32(block) if dtype else contextlib.nullcontext(), timer("forward"):
                 outs = inputs.outputs(block, compute, dtype) if outputs else inputs.run(block, compute, dtype)
         finally:
             for h in handles:

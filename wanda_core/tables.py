@@ -713,12 +713,13 @@ def aggregate(ppl_files, report_files, zeroshot_files, config, out: dict, layer_
 
     out keys: benchmark (long Parquet); table, csv, html (perplexity); zeroshot_table, zeroshot_csv, zeroshot_html;
     published_table, published_csv, published_html (ours against published figures); plot (perplexity bars),
-    layer_plot (per-layer sparsity). A key left out is not written; a table with no rows is written empty
+    layer_plot (per-layer sparsity); cost_table, cost_csv, cost_html, cost_plot (wanda_core.cost). A key left out is not written; a table with no rows is written empty
     (Markdown and HTML without tables, CSV with its header only), never as a placeholder line.
     """
-    from . import plots
+    from . import cost, plots
 
     df = long_table(ppl_files, report_files, config, zeroshot_files)
+    df = cost.add_cost(df, ppl_files, zeroshot_files, report_files, config)  # each row's jobs: seconds, memory
     with atomic_path(out["benchmark"]) as tmp:
         df.to_parquet(tmp, index=False)
     published = published_for_grid(config.get("published"), config)
@@ -756,4 +757,6 @@ def aggregate(ppl_files, report_files, zeroshot_files, config, out: dict, layer_
         plots.perplexity_plot(ppl, config, out["plot"])
     if "layer_plot" in out:
         plots.layer_sparsity_plot(layer_files, config, out["layer_plot"])
-    return "\n".join(texts)
+    if any(key in out for key in cost.OUTPUTS):
+        texts.append(cost.write_cost(df, config, out))
+    return "\n".join(t for t in texts if t)

@@ -16,6 +16,8 @@ rule calibrate:
         sampler=config["calibration"]["sampler"],
     log:
         "results/logs/calibrate/{model}/{calibration}.log",
+    benchmark:
+        "results/benchmarks/calibrate/{model}/{calibration}.tsv"
     conda:
         "../../environment.yml"
     shell:

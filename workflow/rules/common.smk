@@ -184,6 +184,14 @@ def aggregate_outputs():
         )
     if prune_layers():
         out["layer_plot"] = report("results/plots/layer_sparsity.png", caption="../report/layer_sparsity.rst", category="Plots")
+        # What each pruned cell cost (wanda_core.cost), from the jobs' benchmark files and the prune reports.
+        out.update(
+            cost_table="results/tables/cost.md",
+            cost_csv="results/tables/cost.csv",
+            cost_html=report("results/tables/cost.html", caption="../report/cost_table.rst", category="Tables"),
+        )
+        if config["evals"]["perplexity"]["datasets"]:
+            out["cost_plot"] = report("results/plots/quality_vs_cost.png", caption="../report/quality_vs_cost.rst", category="Plots")
     return out
 
 

@@ -25,6 +25,8 @@ rule perplexity:
         runtime=lambda wc: model_spec(wc)["runtime"],
     log:
         "results/logs/perplexity/{model}/{method}/{pattern}/{seed}/{dataset}.log",
+    benchmark:
+        "results/benchmarks/perplexity/{model}/{method}/{pattern}/{seed}/{dataset}.tsv"
     conda:
         "../../environment.yml"
     shell:
@@ -60,6 +62,8 @@ rule zeroshot:
         runtime=lambda wc: model_spec(wc)["runtime"],
     log:
         "results/logs/zeroshot/{model}/{method}/{pattern}/{seed}/{task}.log",
+    benchmark:
+        "results/benchmarks/zeroshot/{model}/{method}/{pattern}/{seed}/{task}.tsv"
     conda:
         "../../environment.yml"
     shell:

@@ -22,6 +22,8 @@ rule finetune:
         runtime=lambda wc: model_spec(wc)["runtime"],
     log:
         "results/logs/finetune/{model}/{method}/{pattern}/{seed}/{recipe}.log",
+    benchmark:
+        "results/benchmarks/finetune/{model}/{method}/{pattern}/{seed}/{recipe}.tsv"
     conda:
         "../../environment.yml"
     shell:
@@ -40,6 +42,8 @@ use rule perplexity as perplexity_finetuned with:
         pruned=finetuned_eval_args,
     log:
         "results/logs/perplexity/{model}/{method}/{pattern}/{seed}/{dataset}+{recipe}.log",
+    benchmark:
+        "results/benchmarks/perplexity/{model}/{method}/{pattern}/{seed}/{dataset}+{recipe}.tsv"
 
 
 use rule zeroshot as zeroshot_finetuned with:
@@ -56,6 +60,8 @@ use rule zeroshot as zeroshot_finetuned with:
         ),
     log:
         "results/logs/zeroshot/{model}/{method}/{pattern}/{seed}/{task}+{recipe}.log",
+    benchmark:
+        "results/benchmarks/zeroshot/{model}/{method}/{pattern}/{seed}/{task}+{recipe}.tsv"
 
 
 rule progressive_prune:
@@ -78,6 +84,8 @@ rule progressive_prune:
         runtime=lambda wc: model_spec(wc)["runtime"],
     log:
         "results/logs/progressive/{model}/{chain}/prune.log",
+    benchmark:
+        "results/benchmarks/progressive/{model}/{chain}/prune.tsv"
     conda:
         "../../environment.yml"
     shell:
@@ -105,6 +113,8 @@ rule progressive_finetune:
         runtime=lambda wc: model_spec(wc)["runtime"],
     log:
         "results/logs/progressive/{model}/{chain}/finetune.log",
+    benchmark:
+        "results/benchmarks/progressive/{model}/{chain}/finetune.tsv"
     conda:
         "../../environment.yml"
     shell:
@@ -122,6 +132,8 @@ use rule perplexity as perplexity_progressive with:
         pruned=finetuned_eval_args,
     log:
         "results/logs/perplexity/{model}/{method}/{pattern}/{seed}/{dataset}+{schedule}.log",
+    benchmark:
+        "results/benchmarks/perplexity/{model}/{method}/{pattern}/{seed}/{dataset}+{schedule}.tsv"
 
 
 use rule zeroshot as zeroshot_progressive with:
@@ -138,3 +150,5 @@ use rule zeroshot as zeroshot_progressive with:
         ),
     log:
         "results/logs/zeroshot/{model}/{method}/{pattern}/{seed}/{task}+{schedule}.log",
+    benchmark:
+        "results/benchmarks/zeroshot/{model}/{method}/{pattern}/{seed}/{task}+{schedule}.tsv"

@@ -24,6 +24,8 @@ rule prune:
         runtime=lambda wc: model_spec(wc)["runtime"],
     log:
         "results/logs/prune/{model}/{method}/{pattern}/{seed}.log",
+    benchmark:
+        "results/benchmarks/prune/{model}/{method}/{pattern}/{seed}.tsv"
     conda:
         "../../environment.yml"
     shell:
