@@ -1,4 +1,5 @@
-"""wanda_core: post-training pruning of Hugging Face causal LMs (magnitude, Wanda, SparseGPT, block patterns)."""
+"""wanda_core: post-training pruning of Hugging Face causal LMs (magnitude, Wanda, SparseGPT, RIA, OWL, DSnoT,
+ALPS, ADMM, SparseSwaps, three-tier block patterns)."""
 __version__ = "0.1.0"
 
 from .data import calibration_windows, load_windows, read_corpus, read_records, save_windows, tokenize
