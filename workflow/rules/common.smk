@@ -8,7 +8,7 @@ import jsonschema
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from wanda_core import grid
+from wanda_core import commands, grid
 from wanda_core.errors import WandaError
 
 try:
@@ -74,9 +74,7 @@ def model_spec(wildcards):
 
 
 def model_flags(wildcards, blocks=True):
-    spec = model_spec(wildcards)
-    flags = "--trust-remote-code" if spec["trust_remote_code"] else ""
-    return f"{flags} --blocks {spec['blocks']}" if blocks and spec["blocks"] else flags
+    return shlex.join(commands.model_args(config, wildcards.model, blocks))
 
 
 def method_spec(wildcards):
@@ -121,15 +119,10 @@ def eval_inputs(wildcards):
     return inputs
 
 
-def prune_args(wildcards):
-    pattern, sparsity = grid.pattern_args(wildcards.pattern)
-    spec = method_spec(wildcards)
-    params = " ".join(f"--param {k}={json.dumps(v)}" for k, v in spec.get("params", {}).items())
-    pipeline = spec.get("pipeline") or config["pruning"]["pipeline"]
-    dtype = config["pruning"]["compute_dtype"]
-    target = f"--sparsity-from {grid.match_report(config, run_of(wildcards))}" if sparsity is None else f"--sparsity {sparsity}"
-    return (f"--method {spec['method']} --pattern {pattern} {target} {params} --pipeline {pipeline}"
-            + (f" --compute-dtype {dtype}" if dtype else ""))
+# A job's options come from wanda_core.commands (one builder per stage, quoted with shlex.join); the
+# rules' shell lines name only the files every job of the rule has.
+def prune_args(wildcards, input):
+    return commands.prune_args(config, wildcards.model, wildcards.method, wildcards.pattern, dict(input.items()))
 
 
 def pruned_weights(path):
@@ -211,15 +204,8 @@ wildcard_constraints:
     chain=r"[0-9]+-[0-9a-f]{8}(/[0-9]+-[0-9a-f]{8})*",
 
 
-def recipe_args(recipe):
-    options = " ".join(f"--param {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in recipe.items() if k != "kind")
-    return f"--kind {recipe['kind']} {options}"
-
-
-def finetune_dtype(wildcards, recipe):
-    # Masked fine-tuning trains the weights: float32. A LoRA adapter trains in float32 beside a frozen
-    # base, which may stay in the model's own dtype.
-    return "float32" if recipe["kind"] == "masked" else model_spec(wildcards)["dtype"]
+def finetune_args(wildcards, input):
+    return commands.finetune_args(config, wildcards.model, grid.recipe(config, wildcards.recipe), input.get("pruned"))
 
 
 def finetune_inputs(wildcards):
@@ -254,14 +240,12 @@ def progressive_prune_inputs(wildcards):
 
 
 def progressive_prune_args(wildcards, input):
-    step = grid.chain_step(config, wildcards.chain)
-    pattern, sparsity = grid.pattern_args(step["pattern"])
-    params = " ".join(f"--param {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in step["params"].items())
-    args = f"--method {config['methods'][step['method']]['method']} --pattern {pattern} --sparsity {sparsity} {params}"
-    for key in ("calibration", "start_pruned", "start_finetuned"):
-        if key in input.keys():
-            args += f" --{key.replace('_', '-')} {input[key]}"
-    return args
+    return commands.progressive_prune_args(config, wildcards.model, wildcards.chain, dict(input.items()))
+
+
+def progressive_finetune_args(wildcards, input):
+    recipe = grid.chain_step(config, wildcards.chain)["recipe"]
+    return commands.finetune_args(config, wildcards.model, recipe, input.pruned)
 
 
 def progressive_finetune_data(wildcards):

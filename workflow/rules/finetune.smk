@@ -10,11 +10,7 @@ rule finetune:
     output:
         directory("results/finetuned/{model}/{method}/{pattern}/{seed}/{recipe}"),
     params:
-        pruned=lambda wc, input: f"--pruned {input.pruned}" if "pruned" in input.keys() else "",
-        model=model_flags,
-        recipe=lambda wc: recipe_args(grid.recipe(config, wc.recipe)),
-        dtype=lambda wc: finetune_dtype(wc, grid.recipe(config, wc.recipe)),
-        device=config["device"],
+        args=finetune_args,
     threads: threads_for
     resources:
         gpu=gpus,
@@ -27,9 +23,8 @@ rule finetune:
     conda:
         "../../environment.yml"
     shell:
-        "wanda-core --gpus {resources.gpu} --max-threads {threads} --log {log} finetune --model {input.model} {params.model} {params.pruned}"
-        " {params.recipe} --data {input.data} --dtype {params.dtype} --device {params.device} --out {output}"
-        " --quiet"
+        "wanda-core --gpus {resources.gpu} --max-threads {threads} --log {log} finetune --model {input.model} {params.args}"
+        " --data {input.data} --out {output} --quiet"
 
 
 # The evaluations of a fine-tuned model are those of its pruned model, with the result applied on top.
@@ -72,11 +67,7 @@ rule progressive_prune:
         layers="results/progressive/{model}/{chain}/pruned.layers.parquet",
         report="results/progressive/{model}/{chain}/pruned.json",
     params:
-        model=model_flags,
         args=progressive_prune_args,
-        dtype=lambda wc: model_spec(wc)["dtype"],
-        batch_size=lambda wc: model_spec(wc)["batch_size"],
-        device=config["device"],
     threads: threads_for
     resources:
         gpu=gpus,
@@ -89,8 +80,7 @@ rule progressive_prune:
     conda:
         "../../environment.yml"
     shell:
-        "wanda-core --gpus {resources.gpu} --max-threads {threads} --log {log} prune --model {input.model} {params.model} {params.args}"
-        " --dtype {params.dtype} --device {params.device} --batch-size {params.batch_size}"
+        "wanda-core --gpus {resources.gpu} --max-threads {threads} --log {log} prune --model {input.model} {params.args}"
         " --out {output.weights} --stats {output.layers} --report {output.report} --quiet"
 
 
@@ -102,10 +92,7 @@ rule progressive_finetune:
     output:
         directory("results/progressive/{model}/{chain}/finetuned"),
     params:
-        model=model_flags,
-        recipe=lambda wc: recipe_args(grid.chain_step(config, wc.chain)["recipe"]),
-        dtype=lambda wc: finetune_dtype(wc, grid.chain_step(config, wc.chain)["recipe"]),
-        device=config["device"],
+        args=progressive_finetune_args,
     threads: threads_for
     resources:
         gpu=gpus,
@@ -118,9 +105,8 @@ rule progressive_finetune:
     conda:
         "../../environment.yml"
     shell:
-        "wanda-core --gpus {resources.gpu} --max-threads {threads} --log {log} finetune --model {input.model} {params.model} --pruned {input.pruned}"
-        " {params.recipe} --data {input.data} --dtype {params.dtype} --device {params.device} --out {output}"
-        " --quiet"
+        "wanda-core --gpus {resources.gpu} --max-threads {threads} --log {log} finetune --model {input.model} {params.args}"
+        " --data {input.data} --out {output} --quiet"
 
 
 use rule perplexity as perplexity_progressive with:

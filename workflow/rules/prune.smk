@@ -12,11 +12,6 @@ rule prune:
         report="results/pruned/{model}/{method}/{pattern}/{seed}.json",
     params:
         args=prune_args,
-        model=model_flags,
-        calibration=lambda wc, input: f"--calibration {input.calibration}" if "calibration" in input.keys() else "",
-        dtype=lambda wc: model_spec(wc)["dtype"],
-        batch_size=lambda wc: model_spec(wc)["batch_size"],
-        device=config["device"],
     threads: threads_for
     resources:
         gpu=gpus,
@@ -29,6 +24,5 @@ rule prune:
     conda:
         "../../environment.yml"
     shell:
-        "wanda-core --gpus {resources.gpu} --max-threads {threads} --log {log} prune --model {input.model} {params.model} {params.args}"
-        " {params.calibration} --dtype {params.dtype} --device {params.device} --batch-size {params.batch_size}"
+        "wanda-core --gpus {resources.gpu} --max-threads {threads} --log {log} prune --model {input.model} {params.args}"
         " --out {output.weights} --stats {output.layers} --report {output.report} --quiet"
