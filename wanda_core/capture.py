@@ -17,17 +17,13 @@ import torch.nn.functional as F
 from .errors import WandaError
 from .methods import Stats
 from .model import Target, block_arguments, max_positions
+from .timing import untimed
 
 log = logging.getLogger("wanda_core")
 
 
 class _StopForward(Exception):
     pass
-
-
-def untimed(phase: str):
-    """A stand-in for engine.PhaseTimer where nothing is timed."""
-    return contextlib.nullcontext()
 
 
 def to_device(obj, device, dtype=None):

@@ -17,10 +17,11 @@ one block:
 Methods without statistics (magnitude, ...) take none of them: `without_statistics` prunes each
 block's matrices as they are. A method that allocates sparsity per block (OWL) first runs a dense
 pre-pass over the same block loop. Only the current block needs to be on the compute device.
+Around it: capture.py (block inputs, statistics hooks), hardware.py (devices, memory, threads, the
+heap), timing.py (PhaseTimer: the report's seconds_split).
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import time
@@ -36,49 +37,10 @@ from .errors import WandaError
 from .masks import Pattern, pack_mask, parse_pattern
 from .methods import Stats, check_params, get_method, stats_kinds
 from .model import Target, find_blocks, find_targets, resolve_device
+from .timing import PhaseTimer
 
 log = logging.getLogger("wanda_core")
 progress_log = logging.getLogger("wanda_core.progress")  # one line per block: where a long job is
-
-
-class PhaseTimer:
-    """Seconds of a prune per phase: forward (capture and propagation), statistics, method (score,
-    mask, weight update) and saving (the CLI's). Each second counts once: a phase entered inside
-    another (statistics hooks and one_pass's pruning run inside a block forward) pauses the outer
-    one. On CUDA every switch synchronizes, so that queued kernels count in the phase that queued them."""
-
-    PHASES = ("forward", "statistics", "method", "saving")
-
-    def __init__(self, device: torch.device | None = None):
-        self.seconds = dict.fromkeys(self.PHASES, 0.0)
-        self._stack: list[str] = []
-        self._since = time.perf_counter()
-        self._cuda = device is not None and device.type == "cuda"
-
-    def _switch(self) -> None:
-        if self._cuda:
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        if self._stack:
-            self.seconds[self._stack[-1]] += now - self._since
-        self._since = now
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str):
-        self._switch()
-        self._stack.append(phase)
-        try:
-            yield
-        finally:
-            self._switch()
-            self._stack.pop()
-
-    def split(self, total: float) -> dict:
-        """The phases' seconds, and what none of them covers (model moves, bookkeeping) as 'other'."""
-        out = {k: round(v, 3) for k, v in self.seconds.items()}
-        out["other"] = round(max(total - sum(self.seconds.values()), 0.0), 3)
-        return out
-
 
 
 @dataclass
@@ -283,35 +245,28 @@ PIPELINES = {"sequential": sequential, "one_pass": one_pass, "independent": inde
 def prune_target(run: Run, i: int, t: Target, stats: Stats | None) -> None:
     """Prune one matrix of block i in place, and record its report row (and its mask)."""
     with run.timer("method"):
-        started = time.perf_counter()
-        keep, info, changed = _prune_matrix(t, run.method, stats, run.patterns[i], run.params, run.kinds)
-        run.updated |= changed
+        started, tokens = time.perf_counter(), stats.count if stats is not None else 0
+        weight = t.weight()
+        w = weight.detach().float().clone()
+        if run.kinds and (stats is None or stats.count == 0):
+            log.warning("%s: no calibration token reached this matrix; pruning it as if all inputs were equal", t.name)
+            stats = Stats.uniform(w.shape[1], run.kinds, w.device)
+        named = {"name": t.name} if "name" in inspect.signature(run.method.prune_matrix).parameters else {}
+        try:
+            result = run.method.prune_matrix(w, stats, run.patterns[i], **run.params, **named)
+        except WandaError as e:
+            raise WandaError(f"{t.name}: {e}") from None
+        new = result.weight if result.weight is not None else w.masked_fill_(~result.keep, 0.0)
+        t.set_weight(new.to(weight.dtype))
+        run.updated |= result.weight is not None
         if run.keep_masks:
-            run.masks[t.name] = pack_mask(keep)
+            run.masks[t.name] = pack_mask(result.keep)
         run.rows[t.name] = {
             "layer": t.name, "block": i, "rows": t.shape[0], "cols": t.shape[1],
-            "sparsity": 1.0 - keep.float().mean().item(), "block_sparsity": run.patterns[i].sparsity,
-            "seconds": time.perf_counter() - started, "tokens": stats.count if stats is not None else 0,
-            "peak_memory_bytes": hardware.peak_memory(run.compute), **info,
+            "sparsity": 1.0 - result.keep.float().mean().item(), "block_sparsity": run.patterns[i].sparsity,
+            "seconds": time.perf_counter() - started, "tokens": tokens,
+            "peak_memory_bytes": hardware.peak_memory(run.compute), **result.info,
         }
-
-
-def _prune_matrix(t: Target, method, stats: Stats | None, pattern, params: dict, kinds: tuple) -> tuple[torch.Tensor, dict, bool]:
-    """Prune one matrix in place; returns (keep-mask, extra figures, whether kept values changed)."""
-    weight = t.weight()
-    w = weight.detach().float().clone()
-    if kinds and (stats is None or stats.count == 0):
-        log.warning("%s: no calibration token reached this matrix; pruning it as if all inputs were equal", t.name)
-        stats = Stats.uniform(w.shape[1], kinds, w.device)
-    named = {"name": t.name} if "name" in inspect.signature(method.prune_matrix).parameters else {}
-    try:
-        result = method.prune_matrix(w, stats, pattern, **params, **named)
-    except WandaError as e:
-        raise WandaError(f"{t.name}: {e}") from None
-    new = result.weight if result.weight is not None else w.masked_fill_(~result.keep, 0.0)
-    t.set_weight(new.to(weight.dtype))
-    return result.keep, result.info, result.weight is not None
-
 
 
 def _allocate(run: Run, inputs: BlockInputs) -> list[Pattern]:
