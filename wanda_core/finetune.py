@@ -232,6 +232,21 @@ def _load_checkpoint(folder, key: str):
     return state
 
 
+def _trainable(model, r: dict, masks: dict | None):
+    """What train() trains: (the PeftModel for lora, None) or (`model`, its MaskedMatrices) for masked."""
+    if r["gradient_checkpointing"]:
+        try:  # transformers 5 renamed it; the old name warns until v6
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        except ValueError as e:
+            raise WandaError(f"gradient_checkpointing: {first_line(e)}") from None
+    torch.manual_seed(r["seed"])  # the adapter's initial weights, then dropout
+    if r["kind"] == "lora":
+        return attach_lora(model, r), None
+    if masks is None:
+        raise WandaError("masked fine-tuning needs the masks of the pruned weights")
+    return model, MaskedMatrices(model, masks)
+
+
 def train(model, recipe: dict, windows: torch.Tensor, masks: dict | None = None, checkpoint=None, key: str = "",
           progress: bool = True):
     """Fine-tune the pruned `model` (weights on one device) on `windows` [n, seqlen]; returns (net, report).
@@ -249,19 +264,7 @@ def train(model, recipe: dict, windows: torch.Tensor, masks: dict | None = None,
         raise WandaError(f"seqlen {r['seqlen']} is longer than the model supports ({limit})")
     state = _load_checkpoint(checkpoint, key)
     precision, autocast = _autocast(r["precision"], device)
-    if r["gradient_checkpointing"]:
-        try:  # transformers 5 renamed it; the old name warns until v6
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        except ValueError as e:
-            raise WandaError(f"gradient_checkpointing: {first_line(e)}") from None
-    torch.manual_seed(r["seed"])  # the adapter's initial weights, then dropout
-    if r["kind"] == "lora":
-        net = attach_lora(model, r)
-        masked = None
-    else:
-        if masks is None:
-            raise WandaError("masked fine-tuning needs the masks of the pruned weights")
-        net, masked = model, MaskedMatrices(model, masks)
+    net, masked = _trainable(model, r, masks)
     trainable = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
     params = [p for _, p in trainable]
     opt = torch.optim.AdamW(params, lr=r["lr"], weight_decay=r["weight_decay"])
