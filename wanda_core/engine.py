@@ -111,8 +111,9 @@ def prune(
     autocast = hardware.autocast_dtype(compute_dtype, compute, next(blocks.parameters()).dtype)
     model_name = getattr(model.config, "_name_or_path", type(model).__name__) or type(model).__name__
     t0 = time.perf_counter()
-    run = Run(model, m, params, kinds, path, blocks, pat, patterns, compute, home, autocast, batch_size, keep_masks,
-              progress, model_name, PhaseTimer(compute), t0)
+    run = Run(model=model, method=m, params=params, kinds=kinds, path=path, blocks=blocks, pattern=pat, patterns=patterns,
+              compute=compute, home=home, autocast=autocast, batch_size=batch_size, keep_masks=keep_masks,
+              progress=progress, name=model_name, timer=PhaseTimer(compute), started=t0)
     if compute.type == "cuda":
         torch.cuda.reset_peak_memory_stats(compute)
     used = pipeline
