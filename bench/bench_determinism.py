@@ -52,14 +52,14 @@ def block0(model_dir, calib_path, threads: int) -> dict:
     """Block 0's output and statistics with 1 and `threads` threads, on the same captured inputs."""
     import torch
     import wanda_core as wc
-    from wanda_core import engine
+    from wanda_core import capture
     from wanda_core.methods import Stats
     from wanda_core.model import find_blocks, find_targets
 
     model, _ = wc.load_model(model_dir, dtype="float32", device="cpu")
     path, blocks = find_blocks(model)
     windows = wc.load_windows(calib_path)
-    inputs = engine.capture_inputs(model, blocks, windows, torch.device("cpu"), torch.device("cpu"), 8)
+    inputs = capture.capture_inputs(model, blocks, windows, torch.device("cpu"), torch.device("cpu"), 8)
     targets = find_targets(blocks[0], f"{path}.0")
     runs = {}
     torch.set_grad_enabled(False)
@@ -67,9 +67,9 @@ def block0(model_dir, calib_path, threads: int) -> dict:
         torch.set_num_threads(n)
         for kind in ("sqnorm", "hessian"):  # Wanda's statistic, SparseGPT's
             stats = {t.name: Stats() for t in targets}
-            handles = engine._stat_hooks(targets, stats, kind)
+            handles = capture.stat_hooks(targets, stats, kind)
             try:
-                outputs = [engine._block_output(blocks[0](h, *inputs.extras[h.shape[0]][0], **inputs.extras[h.shape[0]][1]))
+                outputs = [capture.block_output(blocks[0](h, *inputs.extras[h.shape[0]][0], **inputs.extras[h.shape[0]][1]))
                            for h in inputs.hidden]
             finally:
                 for h in handles:

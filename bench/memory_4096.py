@@ -70,7 +70,7 @@ def main():
                                              offload_activations=offload)
                     accounts.append({"model": name, "seqlen": seqlen, "method": method, "offload_activations": offload,
                                      **{k: (v if k == "phase" else round(v / GB, 2)) for k, v in a.items()},
-                                     # the engine's rule (engine._prepare_calibration): offload above 40% of free memory
+                                     # the engine's rule (capture.calibration_inputs): offload above 40% of free memory
                                      "engine_offloads_on_80gb": (128 * seqlen * shape["hidden_size"] * 2) > 0.4 * BUDGET})
     write_result("memory_4096", {"unit": "GB (1e9 bytes) for the accounts, MiB for the CPU checks", "batch_size": 8,
                                  "dtype": "float16", "nsamples": 128, "budget_gb": BUDGET / GB, "accounts": accounts,

@@ -300,22 +300,22 @@ def test_thread_count_follows_the_idle_cores(monkeypatch):
     """Without --threads: as many torch threads as cores are idle (never more than --max-threads, at least 1)."""
     import os
 
-    from wanda_core import cli
+    from wanda_core import hardware
 
-    idle, usable = cli.free_cores(0.05)
+    idle, usable = hardware.free_cores(0.05)
     assert 1 <= idle <= usable == len(os.sched_getaffinity(0))
     saved = torch.get_num_threads()
     try:
-        monkeypatch.setattr(cli, "free_cores", lambda: (2, 2))
+        monkeypatch.setattr(hardware, "free_cores", lambda: (2, 2))
         monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-        cli.set_threads(0, 0)
+        hardware.set_threads(0, 0)
         assert torch.get_num_threads() == 2 and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-        cli.set_threads(0, 1)
+        hardware.set_threads(0, 1)
         assert torch.get_num_threads() == 1
-        monkeypatch.setattr(cli, "free_cores", lambda: (1, 2))  # one core busy: one thread
-        cli.set_threads(0, 2)
+        monkeypatch.setattr(hardware, "free_cores", lambda: (1, 2))  # one core busy: one thread
+        hardware.set_threads(0, 2)
         assert torch.get_num_threads() == 1
-        cli.set_threads(2, 0)  # --threads: exactly that
+        hardware.set_threads(2, 0)  # --threads: exactly that
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(saved)

@@ -13,7 +13,7 @@ from wanda_core.cli import main
 from test_tables import demo_results, make_config
 from tiny_models import tiny_input_ids, tiny_model
 from wanda_core import cost, io
-from wanda_core.engine import PhaseTimer
+from wanda_core.timing import PhaseTimer
 
 COST_KEYS = {"benchmark": ".parquet", "cost_table": ".md", "cost_csv": ".csv", "cost_html": ".html", "cost_plot": ".png"}
 
@@ -22,7 +22,7 @@ COST_KEYS = {"benchmark": ".parquet", "cost_table": ".md", "cost_csv": ".csv", "
 
 def test_nested_phases_count_each_second_once(monkeypatch):
     clock = iter([0.0, 1.0, 3.0, 4.0, 7.0, 7.5]).__next__
-    monkeypatch.setattr("wanda_core.engine.time.perf_counter", clock)
+    monkeypatch.setattr("wanda_core.timing.time.perf_counter", clock)
     timer = PhaseTimer()  # 0.0
     with timer("forward"):  # 1.0
         with timer("statistics"):  # 3.0: forward has 2 s

@@ -6,7 +6,7 @@ import torch
 
 import wanda_core as wc
 from tiny_models import tiny_input_ids, tiny_model
-from wanda_core import engine, memory
+from wanda_core import capture, engine, memory
 
 
 def _bytes(tensors) -> int:
@@ -128,7 +128,7 @@ def test_matrices_reading_one_input_share_their_statistics(monkeypatch):
     # Each matrix pruned alone, with statistics of its own, gives the same weights.
     reference = tiny_model("llama", num_hidden_layers=2)
     monkeypatch.setattr(Stats, "add", add)
-    monkeypatch.setattr(engine, "_stat_hooks", _unshared_hooks)
+    monkeypatch.setattr(capture, "stat_hooks", _unshared_hooks)
     wc.prune(reference, "sparsegpt", "unstructured", 0.5, calibration, batch_size=2, progress=False)
     for a, b in zip(wc.all_targets(model), wc.all_targets(reference)):
         assert torch.equal(a.weight(), b.weight()), a.name

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from wanda_core import engine, grid, hardware
+from wanda_core import grid, hardware
 
 ROOT = Path(__file__).resolve().parents[1]
 # The flags lines of real CPUs, shortened to what matters here.
@@ -43,9 +43,9 @@ def test_other_cpus_emulate_bf16(monkeypatch):
 def test_engine_auto_compute_dtype_follows_the_flags(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(hardware, "cpu_flags", lambda cpuinfo=None: set(AVX2.split()))
-    assert engine._compute_dtype("auto", cpu, torch.float32) is None  # emulated: the model's own dtype
+    assert hardware.autocast_dtype("auto", cpu, torch.float32) is None  # emulated: the model's own dtype
     monkeypatch.setattr(hardware, "cpu_flags", lambda cpuinfo=None: set(AVX512_BF16.split()))
-    assert engine._compute_dtype("auto", cpu, torch.float32) == torch.bfloat16
+    assert hardware.autocast_dtype("auto", cpu, torch.float32) == torch.bfloat16
 
 
 def test_describe_names_the_instruction_set_and_torchs_kernels():

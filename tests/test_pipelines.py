@@ -7,7 +7,7 @@ import torch
 
 import wanda_core as wc
 from tiny_models import ARCHS, tiny_input_ids, tiny_model
-from wanda_core import engine
+from wanda_core import hardware
 from wanda_core.masks import parse_pattern, unpack_mask
 from wanda_core.methods import Stats, wanda
 
@@ -109,7 +109,7 @@ def test_pipelines_on_every_architecture(arch, pipeline):
 
 
 def test_one_pass_falls_back_to_sequential_when_one_batch_does_not_fit(monkeypatch, caplog):
-    monkeypatch.setattr(engine, "_available_memory", lambda: 1000)
+    monkeypatch.setattr(hardware, "available_memory", lambda: 1000)
     with caplog.at_level(logging.INFO, logger="wanda_core"):
         model, report = _prune("wanda", "one_pass")
     assert report["pipeline"] == "sequential" and report["pipeline_requested"] == "one_pass"
@@ -164,11 +164,11 @@ def test_bad_pipeline_and_compute_dtype():
 
 @pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("sparsegpt", "2:4")])
 def test_one_pass_masks_do_not_depend_on_where_memory_comes_from(monkeypatch, method, pattern):
-    """engine.freed_memory_kept (one_pass's speed-up: large tensors from glibc's heap) changes no value:
+    """hardware.freed_memory_kept (one_pass's speed-up: large tensors from glibc's heap) changes no value:
     masks and weights are bit-identical with and without it. On SmolLM2 the mask hashes before and after
     it are in bench/results/one_pass_floor_cpu.json."""
     kept, kept_report = _prune(method, "one_pass", pattern=pattern, sparsity=None if ":" in pattern else 0.5)
-    monkeypatch.setattr(engine, "freed_memory_kept", lambda: contextlib.nullcontext(engine._NoHeap()))
+    monkeypatch.setattr(hardware, "freed_memory_kept", lambda: contextlib.nullcontext(hardware.NoHeap()))
     plain, plain_report = _prune(method, "one_pass", pattern=pattern, sparsity=None if ":" in pattern else 0.5)
     assert kept_report["masks"].keys() == plain_report["masks"].keys()
     assert all(torch.equal(kept_report["masks"][k], plain_report["masks"][k]) for k in kept_report["masks"])
@@ -180,7 +180,7 @@ def test_freed_memory_kept_reuses_keeps_within_its_limit_and_hands_back():
     the limit is handed back after a block, and all of it when the context ends."""
     import resource
 
-    if engine.platform.libc_ver()[0] != "glibc":
+    if hardware.platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc only")
 
     def faults_of_two_allocations():
@@ -191,9 +191,9 @@ def test_freed_memory_kept_reuses_keeps_within_its_limit_and_hands_back():
 
     def resident():
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * engine.os.sysconf("SC_PAGE_SIZE")
+            return int(f.read().split()[1]) * hardware.os.sysconf("SC_PAGE_SIZE")
 
-    with engine.freed_memory_kept() as heap:
+    with hardware.freed_memory_kept() as heap:
         heap.after_block()  # the limit: twice what is free now, at least 256 MB
         # The fewest of three tries: the kernel may reclaim idle heap pages now and then (DAMON).
         assert min(faults_of_two_allocations() for _ in range(3)) < 1000  # 16384 when mapped afresh

@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 from .data import calibration_windows, load_windows, read_corpus, read_records, save_windows, tokenize
 from .errors import WandaError
 from .evaluate import interval, perplexity, window_nll
-from .cli import set_threads
+from .hardware import set_threads
 from .masks import Pattern, nm_mask, parse_pattern, unstructured_matrix_mask, unstructured_row_mask
 from .methods import METHODS, get_method
 from .model import all_targets, check_sparsity, find_blocks, find_targets, load_model, load_tokenizer

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .errors import WandaError, first_line
+from .hardware import set_threads
 
 log = logging.getLogger("wanda_core")
 progress_log = logging.getLogger("wanda_core.progress")  # lines that --log also shows on the terminal
@@ -430,64 +431,6 @@ def _methods_help() -> str:
         options = ", ".join(f"{k}={v}" for k, v in m.PARAMS.items()) or "no options"
         lines.append(f"  {name:<11} {needs}; patterns {'/'.join(m.PATTERNS)}; {options}")
     return "\n".join(lines)
-
-
-def free_cores(interval: float = 0.3) -> tuple[int, int]:
-    """(idle cores, cores this process may use): /proc/stat sampled over `interval` seconds.
-
-    A core counts as idle when at least 75% of it was. Without /proc/stat every usable core counts.
-    """
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-
-    def sample() -> dict:
-        times = {}
-        with open("/proc/stat") as f:
-            for line in f:
-                if line.startswith("cpu") and line[3].isdigit():
-                    name, *fields = line.split()
-                    ticks = [int(x) for x in fields[:8]]
-                    times[int(name[3:])] = (ticks[3] + ticks[4], sum(ticks))  # (idle + iowait, total)
-        return times
-
-    try:
-        before = sample()
-        time.sleep(interval)
-        after = sample()
-    except (OSError, ValueError, IndexError):
-        return len(cpus), len(cpus)
-    idle = 0.0
-    for c in cpus:
-        if c in before and c in after:
-            total = after[c][1] - before[c][1]
-            idle += (after[c][0] - before[c][0]) / total if total > 0 else 1.0
-    return max(1, min(len(cpus), int(idle + 0.25))), len(cpus)
-
-
-def set_threads(exact: int = 0, at_most: int = 0, announce: bool = True) -> int:
-    """torch's CPU threads: `exact` when given (with torch's defaults), else as many as cores are idle now
-    (at most `at_most` when given), and threads that sleep rather than spin while they wait. Returns the number.
-    announce: log the choice at INFO (else DEBUG: a command's bad input then ends with its error line alone).
-
-    A pool larger than the idle cores stalls: each parallel op waits at a barrier for the thread whose core
-    another process holds, and the waiting threads spin, burning the time the others need. On 2 cores under
-    load, Wanda 2:4 of SmolLM2 took 2.4-2.6x longer on 2 threads than on 1, and 0.8-0.95x with
-    OMP_WAIT_POLICY=PASSIVE (bench/bench_threads.py). The policy is read when torch loads OpenMP: set it first.
-    """
-    if exact:
-        import torch
-
-        torch.set_num_threads(exact)
-        return exact
-    idle, usable = free_cores()
-    threads = min(idle, at_most) if at_most else idle
-    if threads > 1:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # a core taken later then costs a share, not a stall
-    import torch
-
-    torch.set_num_threads(threads)
-    log.log(logging.INFO if announce else logging.DEBUG, "torch threads: %d (%d of %d cores idle%s; OMP_WAIT_POLICY=%s)",
-            threads, idle, usable, f", at most {at_most}" if at_most else "", os.environ.get("OMP_WAIT_POLICY", "torch's default"))
-    return threads
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ from .grid import MATCH
 
 # Snakemake's benchmark columns -> ours (seconds, seconds, MiB)
 BENCHMARK_COLUMNS = {"s": "wall_s", "cpu_time": "cpu_s", "max_rss": "max_rss_mib"}
-SPLIT = ("forward", "statistics", "method", "saving", "other")  # engine.PhaseTimer's phases, and the rest
+SPLIT = ("forward", "statistics", "method", "saving", "other")  # timing.PhaseTimer's phases, and the rest
 RESULT_RULES = {"ppl": "perplexity", "zeroshot": "zeroshot", "pruned": "prune", "calibration": "calibrate",
                 "finetuned": "finetune"}
 

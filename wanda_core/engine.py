@@ -1,374 +1,78 @@
 """The pruning engine: block by block through the decoder, as in the Wanda and SparseGPT papers.
 
 Capture the hidden states (and every other argument) entering block 0 for the calibration
-windows; then block by block, with one of three pipelines:
+windows (capture.py); then one block loop (each_block) brings each decoder block to the compute
+device in turn, and a pipeline prunes it. PIPELINES holds one function per pipeline, each pruning
+one block:
   sequential   (the papers') run the dense block with hooks that accumulate input statistics of
                its weight matrices, prune every matrix, run the pruned block again to produce
                the next block's inputs: two forwards per block.
   one_pass     run the block once, the whole calibration set as one batch; each matrix is pruned
                when the forward reaches it, from inputs that already went through the pruned
                matrices before it (SparseGPT's "true sequential" order), and the same forward
-               produces the next block's inputs.
+               produces the next block's inputs. Where it cannot run (the batch does not fit, or
+               half-precision statistics overflow in a block) it calls `sequential`.
   independent  statistics of every matrix from the dense model's activations (one dense forward
                per block, no error propagation), as llm-compressor's "basic" pipeline.
-Only the current block needs to be on the compute device.
+Methods without statistics (magnitude, ...) take none of them: `without_statistics` prunes each
+block's matrices as they are. A method that allocates sparsity per block (OWL) first runs a dense
+pre-pass over the same block loop. Only the current block needs to be on the compute device.
+Around it: capture.py (block inputs, statistics hooks), hardware.py (devices, memory, threads, the
+heap), timing.py (PhaseTimer: the report's seconds_split).
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import inspect
 import logging
-import os
-import platform
 import time
+from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import hardware, memory
+from .capture import BlockInputs, block_stats, calibration_inputs, move_outside_blocks, stat_hooks
 from .errors import WandaError
-from .masks import Pattern, parse_pattern, pack_mask
+from .masks import Pattern, pack_mask, parse_pattern
 from .methods import Stats, check_params, get_method, stats_kinds
-from .model import DTYPES, Target, block_arguments, find_blocks, find_targets, max_positions, resolve_device
+from .model import Target, find_blocks, find_targets, resolve_device
+from .timing import PhaseTimer
 
 log = logging.getLogger("wanda_core")
 progress_log = logging.getLogger("wanda_core.progress")  # one line per block: where a long job is
 
 
-class _StopForward(Exception):
-    pass
+@dataclass
+class Run:
+    """One prune of one model: what every pass of the block loop needs, and what it records."""
 
+    model: torch.nn.Module
+    method: ModuleType  # the method's module (wanda_core/methods)
+    params: dict  # its options, checked
+    kinds: tuple  # the statistics it needs; empty for none
+    path: str  # the decoder blocks' dotted path
+    blocks: torch.nn.ModuleList
+    pattern: Pattern  # the pattern that stands for all blocks (their mean sparsity)
+    patterns: list[Pattern]  # one per block
+    compute: torch.device  # where blocks run
+    home: torch.device  # where blocks live between their turns
+    autocast: torch.dtype | None  # block forwards in this dtype, or None for the model's own
+    batch_size: int
+    keep_masks: bool
+    progress: bool
+    name: str  # the model's, for progress bars and logs
+    timer: PhaseTimer
+    started: float  # time.perf_counter() at the start
+    rows: dict = field(default_factory=dict)  # matrix name -> its report row, until its block is done
+    masks: dict = field(default_factory=dict)  # matrix name -> packed keep-mask (keep_masks)
+    updated: bool = False  # whether a method changed kept weights
 
-class PhaseTimer:
-    """Seconds of a prune per phase: forward (capture and propagation), statistics, method (score,
-    mask, weight update) and saving (the CLI's). Each second counts once: a phase entered inside
-    another (statistics hooks and one_pass's pruning run inside a block forward) pauses the outer
-    one. On CUDA every switch synchronizes, so that queued kernels count in the phase that queued them."""
+    def where(self, i: int) -> str:
+        return f"{self.name} block {i}"
 
-    PHASES = ("forward", "statistics", "method", "saving")
-
-    def __init__(self, device: torch.device | None = None):
-        self.seconds = dict.fromkeys(self.PHASES, 0.0)
-        self._stack: list[str] = []
-        self._since = time.perf_counter()
-        self._cuda = device is not None and device.type == "cuda"
-
-    def _switch(self) -> None:
-        if self._cuda:
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        if self._stack:
-            self.seconds[self._stack[-1]] += now - self._since
-        self._since = now
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str):
-        self._switch()
-        self._stack.append(phase)
-        try:
-            yield
-        finally:
-            self._switch()
-            self._stack.pop()
-
-    def split(self, total: float) -> dict:
-        """The phases' seconds, and what none of them covers (model moves, bookkeeping) as 'other'."""
-        out = {k: round(v, 3) for k, v in self.seconds.items()}
-        out["other"] = round(max(total - sum(self.seconds.values()), 0.0), 3)
-        return out
-
-
-def _untimed(phase: str):
-    return contextlib.nullcontext()
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-class _KeptHeap:
-    """The heap while freed_memory_kept() is on: after_block() hands freed memory back once more is
-    kept than twice what the first block left free (its forward's temporaries), so that long-lived
-    tensors scattered between freed ones (pruned weights, masks) cannot grow the process without bound."""
-
-    def __init__(self, libc):
-        self.libc, self.limit = libc, None
-
-    def after_block(self) -> None:
-        free = self.libc.mallinfo2().fordblks
-        if self.limit is None:
-            self.limit = max(2 * free, 256 * 2**20)
-        elif free > self.limit:
-            self.libc.malloc_trim(0)
-
-
-class _NoHeap:
-    def after_block(self) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def freed_memory_kept():
-    """Large CPU tensors from the heap, and freed memory kept there for the next block, while inside.
-
-    glibc serves every allocation over 32 MB with its own mmap and unmaps it when freed, so the next
-    tensor of that size faults all its pages in again, zeroed by the kernel. A block forward of the
-    whole calibration set (one_pass: 32 x 512 tokens of SmolLM2 make 100 MB MLP activations) spent a
-    sixth of its CPU time there; batches of 8 hardly any. Values are unchanged: only where memory
-    comes from. Yields an object whose after_block() bounds what is kept (call it after each block);
-    after, glibc's limits are set back and the kept memory is returned (malloc_trim).
-    """
-    libc = None
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        with contextlib.suppress(OSError):
-            libc = ctypes.CDLL("libc.so.6")
-    if libc is None or not hasattr(libc, "mallinfo2"):  # mallinfo2: glibc 2.33 and later
-        yield _NoHeap()
-        return
-    libc.mallinfo2.restype = _MallInfo2
-    libc.mallopt(_M_MMAP_MAX, 0)
-    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-    try:
-        yield _KeptHeap(libc)
-    finally:
-        libc.mallopt(_M_MMAP_MAX, 65536)  # glibc's defaults
-        libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
-        libc.malloc_trim(0)
-
-
-def _to(obj, device, dtype=None):
-    """Move the tensors of a (nested) argument structure to `device` (floating ones to `dtype`)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device, dtype) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device, dtype) for k, v in obj.items()}
-    return obj
-
-
-def _move_outside_blocks(model, blocks, device) -> None:
-    """Move every parameter and buffer that is not inside a decoder block (embeddings, rotary...)."""
-    inside = {id(m) for m in blocks.modules()}
-    for mod in model.modules():
-        if id(mod) in inside:
-            continue
-        for p in mod._parameters.values():
-            if p is not None:
-                p.data = p.data.to(device)
-        for key, buf in mod._buffers.items():
-            if buf is not None:
-                mod._buffers[key] = buf.to(device)
-
-
-def _block_output(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-class BlockInputs:
-    """Hidden states entering the current block, batch by batch, with the block's other arguments.
-
-    The other arguments (attention mask, position ids, rotary embeddings, ...) are identical for
-    batches of equal size, so they are kept once per batch size.
-    """
-
-    def __init__(self):
-        self.hidden: list[torch.Tensor] = []
-        self.extras: dict[int, tuple[tuple, dict]] = {}
-        self.own: dict[tuple[int, int], tuple[tuple, dict]] = {}  # (id(block), batch size) -> its own arguments, if not block 0's
-        self.store = torch.device("cpu")  # where the hidden states are kept between blocks
-        self.dtype = torch.float32  # the model's activation dtype
-        self.autocast: torch.dtype | None = None  # block forwards in this dtype (bf16 on AMX CPUs)
-
-    def hook(self, module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        self.hidden.append(hidden.detach())
-        self.extras.setdefault(hidden.shape[0], (tuple(args[1:]), kwargs))
-        raise _StopForward
-
-    def run(self, block, compute: torch.device, dtype: torch.dtype | None = None) -> None:
-        """Run `block` on every batch for its hooks (statistics); the outputs are dropped."""
-        for hidden in self.hidden:
-            self._forward(block, hidden, compute, dtype)
-
-    def outputs(self, block, compute: torch.device, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-        """The block's outputs for every batch (the next block's inputs), the inputs left as they are."""
-        return [self._output(block, hidden, compute, dtype) for hidden in self.hidden]
-
-    def advance(self, block, compute: torch.device) -> None:
-        """Replace the inputs by the block's outputs in place (one batch of extra memory)."""
-        for j, hidden in enumerate(self.hidden):
-            self.hidden[j] = self._output(block, hidden, compute, None)
-
-    def _output(self, block, hidden, compute, dtype):
-        out = self._forward(block, hidden, compute, dtype)
-        if not torch.isfinite(out).all() and (dtype or hidden.dtype) != torch.float32:
-            log.warning("block output is not finite in %s; recomputing it in float32", hidden.dtype)
-            with in_float32(block):
-                out = self._forward(block, hidden, compute, torch.float32)
-        stored = out.to(self.store, self.dtype)
-        if stored is out:  # checked above
-            return out
-        # Keep the wider dtype rather than infinities: the next block then falls back to float32 too.
-        return stored if torch.isfinite(stored).all() else out.to(self.store)
-
-    def _forward(self, block, hidden, compute, dtype):
-        """dtype: run in this dtype (the float32 fallback) instead of the block's own."""
-        args, kwargs = self.own.get((id(block), hidden.shape[0])) or self.extras[hidden.shape[0]]
-        fast = self.autocast is not None and dtype is None  # never in the float32 fallback
-        dtype = dtype or next(block.parameters()).dtype
-        if dtype != self.dtype:  # rotary tables and masks follow the hidden states' dtype
-            args, kwargs = _to(args, compute, dtype), _to(kwargs, compute, dtype)
-        # cache_enabled=False: one_pass changes weights in the middle of a forward.
-        with torch.autocast(compute.type, dtype=self.autocast, cache_enabled=False) if fast else contextlib.nullcontext():
-            return _block_output(block(hidden.to(compute, dtype), *args, **kwargs))
-
-
-@contextlib.contextmanager
-def in_float32(module):
-    """Run `module` in float32 for a while; every parameter and buffer gets its own dtype back after."""
-    saved = [(t, t.data) for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
-    for t, data in saved:
-        t.data = data.float()
-    try:
-        yield module
-    finally:
-        for t, data in saved:
-            t.data = data
-
-
-def capture_inputs(model, blocks, windows: torch.Tensor, compute, store, batch_size: int) -> BlockInputs:
-    inputs = BlockInputs()
-    # First among the pre-hooks: the capture stops the forward before anything else sees it.
-    handle = blocks[0].register_forward_pre_hook(inputs.hook, with_kwargs=True, prepend=True)
-    try:
-        for start in range(0, windows.shape[0], batch_size):
-            try:
-                model(windows[start : start + batch_size].to(compute), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    if len(inputs.hidden) * batch_size < windows.shape[0]:
-        raise WandaError("calibration forward pass never reached the first decoder block")
-    inputs.hidden = [h.to(store) for h in inputs.hidden]
-    inputs.store, inputs.dtype = store, inputs.hidden[0].dtype
-    inputs.extras = {b: _to(e, compute) for b, e in inputs.extras.items()}
-    inputs.own = {(k, b): _to(e, compute) for b in inputs.extras for k, e in block_arguments(model, blocks, windows[:b].to(compute)).items()}
-    return inputs
-
-
-def _full_precision(hook):
-    """Statistics and pruning inside a hook never run under the forward's autocast (bf16 compute)."""
-
-    def run(mod, args, *kwargs):
-        first = next(t for t in (*args, *(kwargs[0].values() if kwargs else ())) if isinstance(t, torch.Tensor))
-        with torch.autocast(first.device.type, enabled=False):
-            return hook(mod, args, *kwargs)
-
-    return run
-
-
-def _stat_hooks(targets: list[Target], stats: dict[str, Stats], kinds: tuple, chunk: int = 0, prune=None,
-                timer=_untimed) -> list:
-    """Forward pre-hooks that feed each matrix's inputs to its Stats. Experts see only their own tokens.
-
-    chunk: add the inputs `chunk` samples at a time (bounded float32 copies, and the same summation
-    order as batches of that size). prune(target): called once a matrix has seen all its inputs,
-    before its own forward (one_pass). timer: a PhaseTimer, which counts the additions as statistics.
-    """
-    handles, by_experts = [], {}
-    previous = {"x": None, "name": None}  # the input the last hook saw, and whose statistics it went to
-    owner = {}  # matrix -> the matrix whose statistics it shares
-    for t in targets:
-        if t.kind == "expert":
-            by_experts.setdefault(id(t.module), (t.module, []))[1].append(t)
-            continue
-
-        @_full_precision
-        def hook(mod, args, t=t):
-            x, name = args[0], t.name
-            if x is previous["x"]:
-                # The same tensor as the matrix before (q/k/v, gate/up): one Stats object serves both,
-                # which saves an x^T x product (SparseGPT) and its memory.
-                owner[name] = previous["name"]
-                stats[name] = stats[previous["name"]]
-            elif owner.get(name, name) != name:
-                raise WandaError(f"{name}: its input changed from one batch to the next; cannot share statistics")
-            else:
-                with timer("statistics"):
-                    for part in x.detach().split(chunk) if chunk and x.dim() > 2 else (x.detach(),):
-                        stats[name].add(part, kinds)
-                previous["x"], previous["name"] = x, name
-            if prune is not None:
-                prune(t)
-
-        handles.append(t.module.register_forward_pre_hook(hook))
-    for experts, group in by_experts.values():
-        handles.append(experts.register_forward_pre_hook(_expert_hook(group, stats, kinds, prune, timer), with_kwargs=True))
-    return handles
-
-
-def _expert_hook(targets: list[Target], stats: dict[str, Stats], kinds: tuple, prune=None, timer=_untimed):
-    """Statistics of fused experts: route each expert's tokens through its own up/gate slice."""
-    by_param = {(t.param, t.expert): t for t in targets}
-
-    @_full_precision
-    def hook(mod, args, kwargs):
-        names = ("hidden_states", "top_k_index", "top_k_weights")
-        values = dict(zip(names, args), **{k: v for k, v in kwargs.items() if k in names})
-        hidden, index = values["hidden_states"].detach(), values["top_k_index"]
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        up_name = "gate_up_proj" if ("gate_up_proj", 0) in by_param else "up_proj"
-        for e in range(getattr(mod, up_name).shape[0]):
-            tokens = (index == e).any(dim=-1).nonzero().squeeze(-1)
-            if tokens.numel() == 0:
-                continue
-            x = hidden[tokens]
-            up = by_param[(up_name, e)]
-            with timer("statistics"):
-                stats[up.name].add(x, kinds)
-            if prune is not None:
-                prune(up)  # one_pass: down_proj's statistics then come from the pruned up/gate
-            h = F.linear(x, up.weight())
-            bias = getattr(mod, f"{up_name}_bias", None)
-            if bias is not None:
-                h = h + bias[e]
-            h = mod._apply_gate(h) if getattr(mod, "has_gate", True) and hasattr(mod, "_apply_gate") else mod.act_fn(h)
-            down = by_param.get(("down_proj", e))
-            if down is not None:
-                with timer("statistics"):
-                    stats[down.name].add(h, kinds)
-                if prune is not None:
-                    prune(down)
-
-    return hook
-
-
-PIPELINES = ("sequential", "one_pass", "independent")
-
-
-def _prune_matrix(t: Target, method, stats: Stats | None, pattern, params: dict, kinds: tuple) -> tuple[torch.Tensor, dict, bool]:
-    """Prune one matrix in place; returns (keep-mask, extra figures, whether kept values changed)."""
-    weight = t.weight()
-    w = weight.detach().float().clone()
-    if kinds and (stats is None or stats.count == 0):
-        log.warning("%s: no calibration token reached this matrix; pruning it as if all inputs were equal", t.name)
-        stats = Stats.uniform(w.shape[1], kinds, w.device)
-    named = {"name": t.name} if "name" in inspect.signature(method.prune_matrix).parameters else {}
-    try:
-        result = method.prune_matrix(w, stats, pattern, **params, **named)
-    except WandaError as e:
-        raise WandaError(f"{t.name}: {e}") from None
-    new = result.weight if result.weight is not None else w.masked_fill_(~result.keep, 0.0)
-    t.set_weight(new.to(weight.dtype))
-    return result.keep, result.info, result.weight is not None
+    def last(self, i: int) -> bool:
+        return i + 1 == len(self.blocks)
 
 
 def prune(
@@ -404,94 +108,209 @@ def prune(
     kinds = stats_kinds(m, params)
     home = next(blocks.parameters()).device
     compute = resolve_device(device) if device is not None else home
-    autocast = _compute_dtype(compute_dtype, compute, next(blocks.parameters()).dtype)
+    autocast = hardware.autocast_dtype(compute_dtype, compute, next(blocks.parameters()).dtype)
     model_name = getattr(model.config, "_name_or_path", type(model).__name__) or type(model).__name__
-    requested = pipeline
     t0 = time.perf_counter()
-    timer = PhaseTimer(compute)
+    run = Run(model=model, method=m, params=params, kinds=kinds, path=path, blocks=blocks, pattern=pat, patterns=patterns,
+              compute=compute, home=home, autocast=autocast, batch_size=batch_size, keep_masks=keep_masks,
+              progress=progress, name=model_name, timer=PhaseTimer(compute), started=t0)
     if compute.type == "cuda":
         torch.cuda.reset_peak_memory_stats(compute)
-    if kinds and pipeline == "one_pass" and not _one_batch_fits(model, blocks, calibration, compute, autocast):
-        pipeline = "sequential"
+    used = pipeline
+    if kinds and pipeline == "one_pass" and not memory.one_batch_fits(model, blocks, calibration, compute, autocast):
+        used = "sequential"
     if hasattr(m, "allocate"):
-        with timer("forward"):
-            inputs = _prepare_calibration(model, blocks, calibration, compute, home, batch_size, offload_activations, autocast)
-        patterns = _allocate(m, params, pat, path, blocks, inputs, compute, home, progress, model_name, timer)
+        with run.timer("forward"):
+            inputs = calibration_inputs(model, blocks, calibration, batch_size, compute=compute, home=home,
+                                        offload=offload_activations, autocast=autocast)
+        run.patterns = _allocate(run, inputs)
         del inputs
     inputs = None
     if kinds:
-        one_batch = len(calibration) if pipeline == "one_pass" and calibration is not None else batch_size
-        with timer("forward"):
-            inputs = _prepare_calibration(model, blocks, calibration, compute, home, one_batch, offload_activations, autocast)
-
-    layers, masks, updated = [], {}, False
-    bar = tqdm(enumerate(blocks), total=len(blocks), desc=f"{m.NAME} {pat} {model_name}", disable=not progress)
-    with torch.no_grad(), freed_memory_kept() as heap:
-        for i, block in bar:
-            fetch_block(block, compute)
-            targets = find_targets(block, f"{path}.{i}")
-            rows = {}
-
-            @timer("method")
-            def prune_one(t, stats, i=i, rows=rows):
-                nonlocal updated
-                tb = time.perf_counter()
-                keep, info, changed = _prune_matrix(t, m, stats, patterns[i], params, kinds)
-                updated |= changed
-                if keep_masks:
-                    masks[t.name] = pack_mask(keep)
-                rows[t.name] = {
-                    "layer": t.name, "block": i, "rows": t.shape[0], "cols": t.shape[1],
-                    "sparsity": 1.0 - keep.float().mean().item(), "block_sparsity": patterns[i].sparsity,
-                    "seconds": time.perf_counter() - tb, "tokens": stats.count if stats is not None else 0,
-                    "peak_memory_bytes": _peak_memory(compute), **info,
-                }
-
-            where = f"{model_name} block {i}"
-            last = i + 1 == len(blocks)
-            if not kinds:
-                for t in targets:
-                    prune_one(t, None)
-            elif pipeline == "one_pass":
-                _one_pass_block(block, targets, inputs, kinds, compute, prune_one, batch_size, where, last, timer)
-            else:
-                stats, outputs = _block_stats(block, targets, inputs, kinds, compute, where, batch_size,
-                                              outputs=pipeline == "independent" and not last, timer=timer)
-                for t in targets:
-                    prune_one(t, stats.get(t.name))
-                if outputs is not None:
-                    inputs.hidden = outputs
-                elif not last:
-                    with timer("forward"):
-                        inputs.advance(block, compute)
-            layers += [rows[t.name] for t in targets]
-            evict_block(block, home)
-            heap.after_block()
-            # Without a progress bar (workflow jobs), one line per block says where the job is; the CLI's
-            # --log shows these lines (logger wanda_core.progress) on the terminal too.
-            (progress_log.debug if progress else progress_log.info)(
-                "%s %s %s: pruned block %d/%d (%.1f s)", model_name, m.NAME, pat, i + 1, len(blocks), time.perf_counter() - t0)
+        one_batch = len(calibration) if used == "one_pass" and calibration is not None else batch_size
+        with run.timer("forward"):
+            inputs = calibration_inputs(model, blocks, calibration, one_batch, compute=compute, home=home,
+                                        offload=offload_activations, autocast=autocast)
+    layers = _prune_blocks(run, PIPELINES[used] if kinds else without_statistics, inputs)
     if kinds and compute != home:
-        _move_outside_blocks(model, blocks, home)
+        move_outside_blocks(model, blocks, home)
+    return _report(run, layers, pipeline, used)
+
+
+def each_block(run: Run, desc: str, heap=None):
+    """The block loop every pass shares: yields (index, block, its weight matrices) with the block on the
+    compute device, and sends it home after. In the pruning pass (heap: hardware.freed_memory_kept's) each
+    block done also bounds the kept heap and logs one progress line."""
+    bar = tqdm(enumerate(run.blocks), total=len(run.blocks), desc=desc, disable=not run.progress)
+    for i, block in bar:
+        fetch_block(block, run.compute)
+        yield i, block, find_targets(block, f"{run.path}.{i}")
+        evict_block(block, run.home)
+        if heap is None:
+            continue
+        heap.after_block()
+        # Without a progress bar (workflow jobs), one line per block says where the job is; the CLI's
+        # --log shows these lines (logger wanda_core.progress) on the terminal too.
+        (progress_log.debug if run.progress else progress_log.info)(
+            "%s %s %s: pruned block %d/%d (%.1f s)", run.name, run.method.NAME, run.pattern, i + 1, len(run.blocks),
+            time.perf_counter() - run.started)
+
+
+def _prune_blocks(run: Run, prune_block, inputs: BlockInputs | None) -> list[dict]:
+    """The pruning pass: prune_block(run, i, block, targets, inputs) on every block; the report's rows."""
+    layers = []
+    with torch.no_grad(), hardware.freed_memory_kept() as heap:
+        for i, block, targets in each_block(run, f"{run.method.NAME} {run.pattern} {run.name}", heap):
+            prune_block(run, i, block, targets, inputs)
+            layers += [run.rows.pop(t.name) for t in targets]
+    return layers
+
+
+# --- the pipelines: each prunes block i (on the compute device) and leaves the next block's inputs ---
+
+
+def without_statistics(run: Run, i: int, block, targets: list[Target], inputs: None) -> None:
+    """Methods that need no calibration statistics: each matrix as it is, no forward."""
+    for t in targets:
+        prune_target(run, i, t, None)
+
+
+def sequential(run: Run, i: int, block, targets: list[Target], inputs: BlockInputs) -> None:
+    """Statistics from a forward of the dense block, every matrix pruned, then the pruned block's outputs."""
+    stats, _ = block_stats(block, targets, inputs, run.kinds, run.compute, run.where(i), run.batch_size, timer=run.timer)
+    for t in targets:
+        prune_target(run, i, t, stats.get(t.name))
+    if not run.last(i):
+        with run.timer("forward"):
+            inputs.advance(block, run.compute)
+
+
+def independent(run: Run, i: int, block, targets: list[Target], inputs: BlockInputs) -> None:
+    """Statistics and the next block's inputs from one forward of the dense block, then every matrix pruned."""
+    stats, outputs = block_stats(block, targets, inputs, run.kinds, run.compute, run.where(i), run.batch_size,
+                                 outputs=not run.last(i), timer=run.timer)
+    for t in targets:
+        prune_target(run, i, t, stats.get(t.name))
+    if outputs is not None:
+        inputs.hidden = outputs
+
+
+class _NotFinite(Exception):
+    def __init__(self, name):
+        self.name = name
+
+
+def one_pass(run: Run, i: int, block, targets: list[Target], inputs: BlockInputs) -> None:
+    """Run the block once on the whole calibration set (one batch) and prune each matrix as the
+    forward reaches it: every sample has then gone through the pruned matrices before it."""
+    stats = {t.name: Stats() for t in targets}
+    done = set()
+    half = next(block.parameters()).dtype != torch.float32
+    saved = {t.name: t.weight().detach().clone() for t in targets} if half else None
+
+    def prune_reached(t):
+        if t.name in done:
+            return
+        if stats[t.name].count and not stats[t.name].finite():
+            raise _NotFinite(t.name)
+        prune_target(run, i, t, stats[t.name])
+        done.add(t.name)
+
+    handles = stat_hooks(targets, stats, run.kinds, run.batch_size, prune_reached, run.timer)
+    try:
+        with run.timer("forward"):
+            outputs = inputs.outputs(block, run.compute)
+    except _NotFinite as e:
+        if saved is None:
+            raise WandaError(f"{e.name}: calibration statistics are not finite even in float32 ({run.where(i)}); "
+                             "the activations entering this block overflow") from None
+        # fp16 activations overflow: this block goes the sequential way, which recomputes in float32.
+        log.warning("%s: statistics of %s are not finite in %s; pruning this block sequentially", run.where(i), e.name,
+                    next(block.parameters()).dtype)
+        for t in targets:
+            t.set_weight(saved[t.name])
+        outputs = None
+    finally:
+        for h in handles:
+            h.remove()
+    if outputs is None:
+        return sequential(run, i, block, targets, inputs)
+    for t in targets:  # matrices the forward never reached (an expert no token chose)
+        prune_reached(t)
+    inputs.hidden = outputs
+
+
+PIPELINES = {"sequential": sequential, "one_pass": one_pass, "independent": independent}
+
+
+def prune_target(run: Run, i: int, t: Target, stats: Stats | None) -> None:
+    """Prune one matrix of block i in place, and record its report row (and its mask)."""
+    with run.timer("method"):
+        started, tokens = time.perf_counter(), stats.count if stats is not None else 0
+        weight = t.weight()
+        w = weight.detach().float().clone()
+        if run.kinds and (stats is None or stats.count == 0):
+            log.warning("%s: no calibration token reached this matrix; pruning it as if all inputs were equal", t.name)
+            stats = Stats.uniform(w.shape[1], run.kinds, w.device)
+        named = {"name": t.name} if "name" in inspect.signature(run.method.prune_matrix).parameters else {}
+        try:
+            result = run.method.prune_matrix(w, stats, run.patterns[i], **run.params, **named)
+        except WandaError as e:
+            raise WandaError(f"{t.name}: {e}") from None
+        new = result.weight if result.weight is not None else w.masked_fill_(~result.keep, 0.0)
+        t.set_weight(new.to(weight.dtype))
+        run.updated |= result.weight is not None
+        if run.keep_masks:
+            run.masks[t.name] = pack_mask(result.keep)
+        run.rows[t.name] = {
+            "layer": t.name, "block": i, "rows": t.shape[0], "cols": t.shape[1],
+            "sparsity": 1.0 - result.keep.float().mean().item(), "block_sparsity": run.patterns[i].sparsity,
+            "seconds": time.perf_counter() - started, "tokens": tokens,
+            "peak_memory_bytes": hardware.peak_memory(run.compute), **result.info,
+        }
+
+
+def _allocate(run: Run, inputs: BlockInputs) -> list[Pattern]:
+    """Per-block patterns from a dense pre-pass over the block loop: block_score of every block, then allocate (OWL)."""
+    m, kinds, scores = run.method, (run.method.ALLOCATION_STATS,), []
+    with torch.no_grad():
+        for i, block, targets in each_block(run, f"{m.NAME} allocation {run.name}"):
+            stats, outputs = block_stats(block, targets, inputs, kinds, run.compute, run.where(i), 0,
+                                         outputs=not run.last(i), timer=run.timer)
+            with run.timer("method"):
+                scores.append(float(m.block_score([(t.name, t.weight().detach().float(), stats[t.name]) for t in targets], run.params)))
+            if outputs is not None:
+                inputs.hidden = outputs
+    patterns = list(m.allocate(scores, run.pattern, run.params))
+    if len(patterns) != len(run.blocks):
+        raise WandaError(f"method {m.NAME!r} allocated {len(patterns)} patterns for {len(run.blocks)} blocks")
+    log.info("%s %s: per-block sparsity %s", run.name, m.NAME, ", ".join(f"{p.sparsity:.3f}" for p in patterns))
+    return patterns
+
+
+def _report(run: Run, layers: list[dict], requested: str, pipeline: str) -> dict:
+    """The prune's report: totals, the time split, and one row per weight matrix."""
+    pat, patterns, kinds = run.pattern, run.patterns, run.kinds
     pruned = sum(r["sparsity"] * r["rows"] * r["cols"] for r in layers)
     total = sum(r["rows"] * r["cols"] for r in layers)
     target = sum(r["block_sparsity"] * r["rows"] * r["cols"] for r in layers) / max(total, 1)
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - run.started
     report = {
-        "method": m.NAME, "pattern": str(pat), "target_sparsity": target, "params": params,
-        "pipeline": pipeline if kinds else None, "compute_dtype": str(autocast).replace("torch.", "") if kinds and autocast else None,
+        "method": run.method.NAME, "pattern": str(pat), "target_sparsity": target, "params": run.params,
+        "pipeline": pipeline if kinds else None,
+        "compute_dtype": str(run.autocast).replace("torch.", "") if kinds and run.autocast else None,
         "sparsity": pruned / max(total, 1), "pruned_params": total, "seconds": seconds,
-        "seconds_split": timer.split(seconds),  # the CLI adds the saving's seconds
-        "peak_gpu_bytes": torch.cuda.max_memory_allocated(compute) if compute.type == "cuda" else None,
-        "updates_weights": updated, "layers": layers,
+        "seconds_split": run.timer.split(seconds),  # the CLI adds the saving's seconds
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated(run.compute) if run.compute.type == "cuda" else None,
+        "updates_weights": run.updated, "layers": layers,
     }
     if kinds and requested != pipeline:
         report["pipeline_requested"] = requested
     if len({str(p) for p in patterns}) > 1 or (pat.kind == "unstructured" and len({p.sparsity for p in patterns}) > 1):
         report["block_sparsity"] = [p.sparsity for p in patterns]
         report["block_patterns"] = [str(p) for p in patterns]
-    if keep_masks:
-        report["masks"] = masks
+    if run.keep_masks:
+        report["masks"] = run.masks
     return report
 
 
@@ -507,200 +326,6 @@ def _block_patterns(pattern: str, sparsity, n_blocks: int) -> tuple[list[Pattern
     pat = parse_pattern(pattern, None if ":" in str(pattern) else sparsity)
     return [pat] * n_blocks, pat
 
-
-def _compute_dtype(compute_dtype, compute: torch.device, model_dtype: torch.dtype) -> torch.dtype | None:
-    """The autocast dtype of block forwards, or None to run them in the model's own dtype."""
-    if compute_dtype in (None, "", "none"):
-        return None
-    if compute_dtype == "auto":
-        # bf16 where the hardware computes it natively (AMX / avx512_bf16 CPUs, CUDA); else as loaded.
-        native = torch.cuda.is_bf16_supported() if compute.type == "cuda" else _cpu_has_bf16()
-        dtype = torch.bfloat16 if native else model_dtype
-    else:
-        try:
-            dtype = compute_dtype if isinstance(compute_dtype, torch.dtype) else DTYPES[str(compute_dtype).replace("torch.", "")]
-        except KeyError:
-            raise WandaError(f"unknown compute dtype {compute_dtype!r}: choose one of {', '.join(DTYPES)}, auto or none") from None
-    return None if dtype == model_dtype else dtype
-
-
-def _cpu_has_bf16() -> bool:
-    from .hardware import bf16_native
-
-    return bf16_native("cpu")
-
-
-def _one_batch_fits(model, blocks, calibration, compute: torch.device, autocast) -> bool:
-    """Whether a block forward of the whole calibration set as one batch fits in memory (one_pass)."""
-    if calibration is None:
-        return True  # _prepare_calibration names the problem
-    nsamples, seqlen = torch.as_tensor(calibration).shape[:2]
-    tokens = nsamples * seqlen
-    cfg = model.config
-    hidden = getattr(cfg, "hidden_size", None) or model.get_input_embeddings().weight.shape[1]
-    widest = max(max(t.shape) for t in find_targets(blocks[0], "block"))
-    size = torch.finfo(autocast or next(blocks.parameters()).dtype).bits // 8
-    # Inputs, outputs and residual of the block, the widest intermediate three times (gate, up, their
-    # product), and float32 statistics chunks; eager attention also holds its score matrices.
-    need = tokens * (3 * hidden + 3 * widest) * max(size, 4)
-    if getattr(cfg, "_attn_implementation", "eager") == "eager":
-        need += nsamples * (getattr(cfg, "num_attention_heads", 1) or 1) * seqlen * seqlen * 4
-    if compute.type == "cuda":
-        free = torch.cuda.mem_get_info(compute)[0] * 0.8
-    else:
-        free = _available_memory() * 0.5
-    if need <= free:
-        return True
-    log.info("one_pass: the whole calibration set (%d x %d) as one batch needs about %.1f GB per block forward, "
-             "more than the %.1f GB available; using the sequential pipeline", nsamples, seqlen, need / 2**30, free / 2**30)
-    return False
-
-
-def _available_memory() -> int:
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        line = next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
-        return int(line.split()[1]) * 1024
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-class _NotFinite(Exception):
-    def __init__(self, name):
-        self.name = name
-
-
-def _one_pass_block(block, targets, inputs: BlockInputs, kinds, compute, prune_one, batch_size, where, last,
-                    timer=_untimed) -> None:
-    """Run the block once on the whole calibration set (one batch) and prune each matrix as the
-    forward reaches it: every sample has then gone through the pruned matrices before it."""
-    stats = {t.name: Stats() for t in targets}
-    done = set()
-    half = next(block.parameters()).dtype != torch.float32
-    saved = {t.name: t.weight().detach().clone() for t in targets} if half else None
-
-    def prune_reached(t):
-        if t.name in done:
-            return
-        if stats[t.name].count and not stats[t.name].finite():
-            raise _NotFinite(t.name)
-        prune_one(t, stats[t.name])
-        done.add(t.name)
-
-    handles = _stat_hooks(targets, stats, kinds, batch_size, prune_reached, timer)
-    try:
-        with timer("forward"):
-            outputs = inputs.outputs(block, compute)
-    except _NotFinite as e:
-        if saved is None:
-            raise WandaError(f"{e.name}: calibration statistics are not finite even in float32 ({where}); "
-                             "the activations entering this block overflow") from None
-        # fp16 activations overflow: this block goes the sequential way, which recomputes in float32.
-        log.warning("%s: statistics of %s are not finite in %s; pruning this block sequentially", where, e.name,
-                    next(block.parameters()).dtype)
-        for t in targets:
-            t.set_weight(saved[t.name])
-        outputs = None
-    finally:
-        for h in handles:
-            h.remove()
-    if outputs is None:
-        stats, _ = _block_stats(block, targets, inputs, kinds, compute, where, batch_size, timer=timer)
-        for t in targets:
-            prune_one(t, stats.get(t.name))
-        if not last:
-            with timer("forward"):
-                inputs.advance(block, compute)
-        return
-    for t in targets:  # matrices the forward never reached (an expert no token chose)
-        prune_reached(t)
-    inputs.hidden = outputs
-
-
-def _allocate(m, params, pattern, path, blocks, inputs: BlockInputs, compute, home, progress, model_name,
-              timer=_untimed) -> list[Pattern]:
-    """Per-block patterns from a dense pre-pass: block_score of every block, then allocate (OWL)."""
-    kinds = (m.ALLOCATION_STATS,)
-    scores = []
-    bar = tqdm(enumerate(blocks), total=len(blocks), desc=f"{m.NAME} allocation {model_name}", disable=not progress)
-    with torch.no_grad():
-        for i, block in bar:
-            fetch_block(block, compute)
-            targets = find_targets(block, f"{path}.{i}")
-            stats, outputs = _block_stats(block, targets, inputs, kinds, compute, f"{model_name} block {i}", 0,
-                                          outputs=i + 1 < len(blocks), timer=timer)
-            with timer("method"):
-                scores.append(float(m.block_score([(t.name, t.weight().detach().float(), stats[t.name]) for t in targets], params)))
-            if outputs is not None:
-                inputs.hidden = outputs
-            evict_block(block, home)
-    patterns = list(m.allocate(scores, pattern, params))
-    if len(patterns) != len(blocks):
-        raise WandaError(f"method {m.NAME!r} allocated {len(patterns)} patterns for {len(blocks)} blocks")
-    log.info("%s %s: per-block sparsity %s", model_name, m.NAME, ", ".join(f"{p.sparsity:.3f}" for p in patterns))
-    return patterns
-
-
-def _peak_memory(device: torch.device) -> int:
-    """Peak accelerator memory so far, or on the CPU the process's peak resident memory."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _kind(pattern: str) -> str:
-    return "nm" if ":" in str(pattern) else "unstructured"
-
-
-def _prepare_calibration(model, blocks, calibration, compute, home, batch_size, offload, autocast=None) -> BlockInputs:
-    if calibration is None:
-        raise WandaError("this method needs calibration windows (calibration=...)")
-    calibration = torch.as_tensor(calibration)
-    if calibration.dim() != 2 or calibration.shape[0] == 0 or calibration.shape[1] < 2:
-        raise WandaError(f"calibration windows must be a [nsamples, seqlen] tensor, got shape {tuple(calibration.shape)}")
-    if batch_size < 1:
-        raise WandaError(f"batch_size must be at least 1, got {batch_size}")
-    limit = max_positions(model)
-    if limit and calibration.shape[1] > limit:
-        raise WandaError(f"calibration seqlen {calibration.shape[1]} is longer than the model supports ({limit})")
-    hidden = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().weight.shape[1]
-    if offload is None:
-        offload = False
-        if compute.type == "cuda":
-            need = calibration.numel() * hidden * next(model.parameters()).element_size()
-            offload = need > 0.4 * torch.cuda.mem_get_info(compute)[0]
-    store = torch.device("cpu") if offload else compute
-    if compute != home:
-        _move_outside_blocks(model, blocks, compute)
-    inputs = capture_inputs(model, blocks, calibration.long(), compute, store, batch_size)
-    if store.type == "cpu" and compute.type == "cuda":
-        inputs.hidden = [h.pin_memory() for h in inputs.hidden]
-    inputs.autocast = autocast
-    return inputs
-
-
-def _block_stats(block, targets, inputs: BlockInputs, kinds: tuple, compute, where: str, chunk: int = 0,
-                 outputs: bool = False, timer=_untimed) -> tuple[dict[str, Stats], list | None]:
-    """Input statistics of every matrix of `block` (and, with outputs=True, its outputs from the same
-    forward); recomputed in float32 if they overflow."""
-    for dtype in (None, torch.float32):
-        stats = {t.name: Stats() for t in targets}
-        handles = _stat_hooks(targets, stats, kinds, chunk, timer=timer)
-        try:
-            with in_float32(block) if dtype else contextlib.nullcontext(), timer("forward"):
-                outs = inputs.outputs(block, compute, dtype) if outputs else inputs.run(block, compute, dtype)
-        finally:
-            for h in handles:
-                h.remove()
-        bad = [name for name, s in stats.items() if not s.finite()]
-        if not bad:
-            return stats, outs
-        if dtype is None and next(block.parameters()).dtype != torch.float32:
-            log.warning("%s: statistics of %s are not finite in %s; recomputing this block's statistics in float32",
-                        where, ", ".join(bad), next(block.parameters()).dtype)
-            continue
-        break
-    raise WandaError(f"{bad[0]}: calibration statistics are not finite even in float32 ({where}); the activations entering this block overflow")
 
 
 def fetch_block(block, compute: torch.device) -> None:

@@ -32,8 +32,7 @@ def prune_account(config, nsamples: int, seqlen: int, method: str = "wanda", bat
     window between blocks; one batch when they are offloaded to CPU memory), statistics (every matrix's,
     kept until the block is pruned: SparseGPT's Hessians are in x in float32), and the largest of the
     block's phases: `forward` (a batch through the dense block: its MLP, or down_proj's input where the
-    statistics hook copies it to float32; the previous block's statistics, still held then, count here)
-    and `prune` (the working set of pruning its largest matrix). A batch through the pruned block, which
+    statistics hook copies it to float32) and `prune` (the working set of pruning its largest matrix). A batch through the pruned block, which
     makes the next block's inputs, holds less than `forward`. dtype_bytes: the model's (2 for fp16/bf16).
     """
     if method not in ("wanda", "sparsegpt"):
@@ -64,10 +63,10 @@ def prune_account(config, nsamples: int, seqlen: int, method: str = "wanda", bat
     upcast = tokens * i * STAT_BYTES if e != STAT_BYTES else 0  # the hook's float32 copy of down_proj's input
     # A batch in the MLP holds the residual stream, the normed input, act(gate), up and their product; at
     # down_proj's input only the product is left, with the hook's float32 copy and its x*x or x^T x. The
-    # previous block's statistics are still referenced then (engine.prune drops them at the next assignment).
+    # previous block's statistics are gone by then (they live in the pipeline's call for that block).
     mlp = 2 * tokens * h * e + 3 * tokens * i * e
     at_down = 2 * tokens * h * e + tokens * i * e + upcast + hook
-    forward = 2 * parts["statistics"] + max(mlp, at_down)
+    forward = parts["statistics"] + max(mlp, at_down)
     # A batch through the pruned block (the next block's inputs) holds less: the same MLP, one block's statistics.
     phases = {"forward": forward - parts["statistics"], "prune": work}
     phase = max(phases, key=phases.get)
@@ -88,3 +87,37 @@ def allocated_peak(fn) -> int:
         live += nbytes
         peak = max(peak, live)
     return peak
+
+
+def one_batch_fits(model, blocks, calibration, compute, autocast) -> bool:
+    """Whether a block forward of the whole calibration set as one batch fits in memory (the one_pass pipeline)."""
+    import logging
+
+    import torch
+
+    from .hardware import available_memory
+    from .model import find_targets
+
+    if calibration is None:
+        return True  # the engine's capture names the problem
+    nsamples, seqlen = torch.as_tensor(calibration).shape[:2]
+    tokens = nsamples * seqlen
+    cfg = model.config
+    hidden = getattr(cfg, "hidden_size", None) or model.get_input_embeddings().weight.shape[1]
+    widest = max(max(t.shape) for t in find_targets(blocks[0], "block"))
+    size = torch.finfo(autocast or next(blocks.parameters()).dtype).bits // 8
+    # Inputs, outputs and residual of the block, the widest intermediate three times (gate, up, their
+    # product), and float32 statistics chunks; eager attention also holds its score matrices.
+    need = tokens * (3 * hidden + 3 * widest) * max(size, 4)
+    if getattr(cfg, "_attn_implementation", "eager") == "eager":
+        need += nsamples * (getattr(cfg, "num_attention_heads", 1) or 1) * seqlen * seqlen * 4
+    if compute.type == "cuda":
+        free = torch.cuda.mem_get_info(compute)[0] * 0.8
+    else:
+        free = available_memory() * 0.5
+    if need <= free:
+        return True
+    logging.getLogger("wanda_core").info(
+        "one_pass: the whole calibration set (%d x %d) as one batch needs about %.1f GB per block forward, "
+        "more than the %.1f GB available; using the sequential pipeline", nsamples, seqlen, need / 2**30, free / 2**30)
+    return False

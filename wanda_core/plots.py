@@ -90,14 +90,7 @@ def perplexity_plot(cells: pd.DataFrame, config: dict, path) -> None:
         ax.set_ylabel("perplexity (lower is better)" + (", log scale" if log else ""))
         spec = config["models"][model]
         ax.set_title(f"{spec.get('label', model)}: {DATASET_TITLES.get(dataset, dataset)}")
-        names = ordered(c.loc[c["column"] != "dense", "method_label"], labels)
-        handles = [plt.Rectangle((0, 0), 1, 1, color=colours[name]) for name in names]
-        dense_handles, dense_names = ax.get_legend_handles_labels()
-        hybrid = [plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch="//")]
-        has_own = any(col.startswith(MATCH) for col in columns)
-        ax.legend(handles + dense_handles + hybrid * has_own,
-                  names + dense_names + ["own structure (shaded: plain methods at its sparsity)"] * has_own,
-                  fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+        _panel_legend(ax, c, labels, colours, columns)
     if not panels:
         axes[0, 0].set_axis_off()
     intervals = bool(len(cells)) and cells.apply(_has_interval, axis=1).any()
@@ -108,6 +101,20 @@ def perplexity_plot(cells: pd.DataFrame, config: dict, path) -> None:
     fig.tight_layout(rect=(0, 0.03 if note else 0, 1, 1))
     _save(fig, path)
     plt.close(fig)
+
+
+def _panel_legend(ax, c: pd.DataFrame, labels: list, colours: dict, columns: list) -> None:
+    """Right of the panel: a colour per method shown, the dense lines, and the hatch of own-structure methods."""
+    from matplotlib.patches import Rectangle
+
+    names = ordered(c.loc[c["column"] != "dense", "method_label"], labels)
+    handles = [Rectangle((0, 0), 1, 1, color=colours[name]) for name in names]
+    dense_handles, dense_names = ax.get_legend_handles_labels()
+    hybrid = [Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch="//")]
+    has_own = any(col.startswith(MATCH) for col in columns)
+    ax.legend(handles + dense_handles + hybrid * has_own,
+              names + dense_names + ["own structure (shaded: plain methods at its sparsity)"] * has_own,
+              fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
 
 
 def _has_interval(r) -> bool:
