@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import inspect
 import logging
 import os
 import platform
@@ -28,8 +27,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import WandaError
-from .masks import Pattern, parse_pattern, pack_mask
-from .methods import Stats, check_params, get_method, stats_kinds
+from .masks import Pattern, pack_mask
+from .methods import Stats
+from .request import PruneRequest, resolve
 from .model import DTYPES, Target, block_arguments, find_blocks, find_targets, max_positions, resolve_device
 
 log = logging.getLogger("wanda_core")
@@ -361,7 +361,7 @@ def _prune_matrix(t: Target, method, stats: Stats | None, pattern, params: dict,
     if kinds and (stats is None or stats.count == 0):
         log.warning("%s: no calibration token reached this matrix; pruning it as if all inputs were equal", t.name)
         stats = Stats.uniform(w.shape[1], kinds, w.device)
-    named = {"name": t.name} if "name" in inspect.signature(method.prune_matrix).parameters else {}
+    named = {"name": t.name} if getattr(method, "MATRIX_NAME", False) else {}
     try:
         result = method.prune_matrix(w, stats, pattern, **params, **named)
     except WandaError as e:
@@ -395,13 +395,12 @@ def prune(
     are moved there one at a time and back. offload_activations: keep the calibration
     activations on the CPU (default: only when they would not fit on the compute device).
     """
-    m = get_method(method)
+    request = resolve(method, pattern, sparsity, params)
+    m, params, kinds = request.module, request.params, request.stats
     if pipeline not in PIPELINES:
         raise WandaError(f"unknown pipeline {pipeline!r}: choose one of {', '.join(PIPELINES)}")
     path, blocks = find_blocks(model)
-    patterns, pat = _block_patterns(pattern, sparsity, len(blocks))
-    params = check_params(m, pat, dict(params or {}))
-    kinds = stats_kinds(m, params)
+    patterns, pat = _block_patterns(request, len(blocks))
     home = next(blocks.parameters()).device
     compute = resolve_device(device) if device is not None else home
     autocast = _compute_dtype(compute_dtype, compute, next(blocks.parameters()).dtype)
@@ -495,17 +494,13 @@ def prune(
     return report
 
 
-def _block_patterns(pattern: str, sparsity, n_blocks: int) -> tuple[list[Pattern], Pattern]:
+def _block_patterns(request: PruneRequest, n_blocks: int) -> tuple[list[Pattern], Pattern]:
     """One pattern per block, and the pattern that stands for all of them (its mean sparsity)."""
-    if isinstance(sparsity, (list, tuple)):
-        if ":" in str(pattern):
-            raise WandaError(f"a sparsity per block applies to unstructured patterns, not {pattern}")
-        if len(sparsity) != n_blocks:
-            raise WandaError(f"{len(sparsity)} block sparsities given for a model of {n_blocks} decoder blocks")
-        patterns = [parse_pattern(pattern, s) for s in sparsity]
-        return patterns, parse_pattern(pattern, sum(p.sparsity for p in patterns) / n_blocks)
-    pat = parse_pattern(pattern, None if ":" in str(pattern) else sparsity)
-    return [pat] * n_blocks, pat
+    if request.block_sparsity is None:
+        return [request.pattern] * n_blocks, request.pattern
+    if len(request.block_sparsity) != n_blocks:
+        raise WandaError(f"{len(request.block_sparsity)} block sparsities given for a model of {n_blocks} decoder blocks")
+    return [Pattern("unstructured", s) for s in request.block_sparsity], request.pattern
 
 
 def _compute_dtype(compute_dtype, compute: torch.device, model_dtype: torch.dtype) -> torch.dtype | None:
