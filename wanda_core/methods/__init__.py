@@ -53,28 +53,37 @@ def installed() -> dict:
 
 
 def get_method(name: str) -> ModuleType:
-    """The method module `name` names: a built-in method, an installed entry point, or a dotted module path."""
+    """The method module `name` names: a built-in method, a dotted module path, or an installed entry point."""
     if name in METHODS:
         return METHODS[name]
-    eps = installed()
-    if name in eps:
+    if "." in name:
+        return check_contract(_import(name), name)
+    if name not in _loaded:  # the grid asks for a method many times: read the installed packages once
+        eps = installed()
+        if name not in eps:
+            raise WandaError(f"unknown method {name!r}{_how_to_add(eps)}")
         try:
-            module = eps[name].load()
+            _loaded[name] = check_contract(eps[name].load(), name)
+        except WandaError:
+            raise
         except Exception as e:  # the package's own import error: name it on one line
             raise WandaError(f"method {name!r} (entry point {eps[name].value}) failed to import: "
                              f"{type(e).__name__}: {first_line(e)}") from None
-        return check_contract(module, name)
-    if "." in name:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and name.startswith(e.name):  # the module itself (or its package) is not there
-                raise WandaError(f"unknown method {name!r}: no module {e.name!r} on the Python path{_how_to_add(eps)}") from None
-            raise WandaError(f"method module {name!r} failed to import: {type(e).__name__}: {first_line(e)}") from None
-        except Exception as e:
-            raise WandaError(f"method module {name!r} failed to import: {type(e).__name__}: {first_line(e)}") from None
-        return check_contract(module, name)
-    raise WandaError(f"unknown method {name!r}{_how_to_add(eps)}")
+    return _loaded[name]
+
+
+_loaded: dict[str, ModuleType] = {}  # entry points loaded so far
+
+
+def _import(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name and name.startswith(e.name):  # the module itself (or its package) is not there
+            raise WandaError(f"unknown method {name!r}: no module {e.name!r} on the Python path{_how_to_add(installed())}") from None
+        raise WandaError(f"method module {name!r} failed to import: {type(e).__name__}: {first_line(e)}") from None
+    except Exception as e:
+        raise WandaError(f"method module {name!r} failed to import: {type(e).__name__}: {first_line(e)}") from None
 
 
 def _how_to_add(eps: dict) -> str:
