@@ -106,12 +106,13 @@ class _Block0Done(Exception):
 def block0_stats(model, calib):
     """Statistics (X^T X, sum x^2) of every matrix of block 0, from the dense block's forward."""
     import wanda_core as wc
-    from wanda_core.methods import MatrixResult, register
+    from wanda_core.methods import METHODS, MatrixResult
 
     saved = {}
 
     class Capture:
         NAME, STATS, PARAMS, PATTERNS = "capture_block0", ("hessian", "sqnorm"), {}, ("unstructured", "nm")
+        MATRIX_NAME = True
 
         @staticmethod
         def prune_matrix(weight, stats, pattern, name=None):
@@ -121,7 +122,7 @@ def block0_stats(model, calib):
                 saved[name] = (weight.clone(), stats)
             return MatrixResult(keep=torch.ones_like(weight, dtype=torch.bool))
 
-    register(Capture)
+    METHODS[Capture.NAME] = Capture  # for this run only
     with contextlib.suppress(_Block0Done):
         wc.prune(model, "capture_block0", "unstructured", 0.5, calib, progress=False)
     return saved
@@ -156,7 +157,7 @@ def main():
     start_load = loadavg()
 
     import wanda_core as wc
-    from wanda_core.methods import get_method, register
+    from wanda_core.methods import METHODS, get_method
 
     modules = {}
     if args.alps:
@@ -164,7 +165,7 @@ def main():
     if args.admm:
         modules["admm"] = load_module("admm_authors", args.admm / "lib" / "admm.py")
     for kind, module in modules.items():
-        register(authors_method(kind, module))
+        METHODS[f"{kind}_authors"] = authors_method(kind, module)
     settings = [parse(s) for s in args.block0.split(",") if s]
     ppl_settings = [parse(s) for s in args.ppl.split(",") if s]
     missing = {m for m, _, _ in settings + ppl_settings} - set(modules)

@@ -7,7 +7,7 @@ import torch
 from wanda_core import block_masks as bm
 from wanda_core.errors import WandaError
 from wanda_core.masks import Pattern, nm_mask
-from wanda_core.methods import Stats, block, block_topk, hybrid_nm, three_tier
+from wanda_core.methods import Stats, block, block_topk, check_params, hybrid_nm, three_tier
 
 
 def leveled(rb, cb, b, seed=0):
@@ -340,15 +340,22 @@ def test_other_bad_params():
         bm.three_tier_mask(torch.rand(4, 4, 4))
     with pytest.raises(WandaError):
         bm.three_tier_mask(s, inner=torch.rand(16, 32))
-    w, stats, p = torch.randn(32, 32), Stats(1, sqnorm=torch.ones(32)), Pattern("unstructured", 0.5)
+    # The methods' options fail in check_params, before any model is loaded and without running the method.
+    p = Pattern("unstructured", 0.5)
     with pytest.raises(WandaError, match="inner_score"):
-        three_tier.prune_matrix(w, stats, p, inner_score="hessian")
+        check_params(three_tier, p, {"inner_score": "hessian"})
     with pytest.raises(WandaError, match="sum to 1"):
-        three_tier.prune_matrix(w, stats, p, dense=0.9)
-    with pytest.raises(WandaError):
-        hybrid_nm.prune_matrix(w, stats, p, block_size=0)
-    with pytest.raises(WandaError):
-        three_tier.prune_matrix(w, stats, Pattern("nm", 0.5, 2, 4))
+        check_params(three_tier, p, {"dense": 0.9})
+    with pytest.raises(WandaError, match="block size must be >= 1"):
+        check_params(hybrid_nm, p, {"block_size": 0})
+    with pytest.raises(WandaError, match="threshold must be in"):
+        check_params(hybrid_nm, p, {"threshold": 1.5})
+    with pytest.raises(WandaError, match="k must be in"):
+        check_params(block_topk, p, {"k": 256})
+    with pytest.raises(WandaError, match="block size must be an integer"):
+        check_params(block, p, {"block_size": 2.5})
+    with pytest.raises(WandaError, match="does not support pattern 2:4"):
+        check_params(three_tier, Pattern("nm", 0.5, 2, 4), {})
 
 
 def test_k_zero_and_tiny_matrices():

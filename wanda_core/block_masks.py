@@ -36,7 +36,7 @@ def _int(name: str, value) -> int:
         raise WandaError(f"{name} must be an integer, got {value!r}") from None
 
 
-def _fraction(name: str, value) -> float:
+def check_fraction(name: str, value) -> float:
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -46,7 +46,8 @@ def _fraction(name: str, value) -> float:
     return value
 
 
-def _check_block(b, k=None, n=None, m=None):
+def check_block(b, k=None, n=None, m=None):
+    """Block size b, and where given k (weights a top-k block keeps) and n:m inside blocks; returns them as ints."""
     b = _int("block size", b)
     if b < 1:
         raise WandaError(f"block size must be >= 1, got {b}")
@@ -61,6 +62,14 @@ def _check_block(b, k=None, n=None, m=None):
         if b % m:
             raise WandaError(f"block size {b} must be a multiple of m={m} so that N:M groups do not straddle blocks")
     return b, k, n, m
+
+
+def check_tiers(dense, nm, topk) -> dict:
+    """The three tier fractions: each in [0, 1], summing to 1."""
+    fracs = {"dense": check_fraction("dense", dense), "nm": check_fraction("nm", nm), "topk": check_fraction("topk", topk)}
+    if abs(sum(fracs.values()) - 1.0) > 1e-6:
+        raise WandaError(f"tier fractions dense + nm + topk must sum to 1, got {dense} + {nm} + {topk} = {sum(fracs.values()):g}")
+    return fracs
 
 
 def _check_score(score: torch.Tensor, inner: torch.Tensor | None = None) -> None:
@@ -173,7 +182,7 @@ def _nm_keep(blk: torch.Tensor, n: int, m: int) -> torch.Tensor:
 def block_importance(score: torch.Tensor, b: int) -> torch.Tensor:
     """[ceil(out/b), ceil(in/b)] mean score of each block over the elements it really has."""
     _check_score(score)
-    b = _check_block(b)[0]
+    b = check_block(b)[0]
     sums, counts = _block_sums(score, b)
     return sums / counts
 
@@ -185,10 +194,8 @@ def three_tier_mask(score, inner=None, dense=0.35, nm=0.45, topk=0.20, k=15, b=1
     (defaults to `score`). Returns (keep bool [out, in], {"dense", "nm", "topk"} block counts).
     """
     _check_score(score, inner)
-    b, k, n, m = _check_block(b, k, n, m)
-    fracs = {"dense": _fraction("dense", dense), "nm": _fraction("nm", nm), "topk": _fraction("topk", topk)}
-    if abs(sum(fracs.values()) - 1.0) > 1e-6:
-        raise WandaError(f"tier fractions dense + nm + topk must sum to 1, got {dense} + {nm} + {topk} = {sum(fracs.values()):g}")
+    b, k, n, m = check_block(b, k, n, m)
+    fracs = check_tiers(dense, nm, topk)
 
     order = _rank(block_importance(score, b))
     total = order.numel()
@@ -206,7 +213,7 @@ def block_levels(nonzero: torch.Tensor, b: int = 16, k: int = 15, n: int = 2, m:
     """Per block (row-major), the sparsest three-tier treatment its non-zero pattern already fits:
     2 = at most k non-zeros (top-k), 1 = at most n of every m consecutive inputs per row (N:M),
     0 = neither (dense). Padding outside the matrix counts as zero."""
-    b, k, n, m = _check_block(b, k, n, m)
+    b, k, n, m = check_block(b, k, n, m)
     blk = _blocks(nonzero.float(), b, 0.0)  # [Rb, Cb, b, b]
     rb, cb = blk.shape[:2]
     nm_ok = (blk.reshape(rb, cb, b, b // m, m).sum(-1) <= n).all(-1).all(-1)
@@ -228,10 +235,8 @@ def three_tier_step_mask(score, nonzero, inner=None, dense=0.35, nm=0.45, topk=0
     _check_score(score, inner)
     if nonzero.shape != score.shape:
         raise WandaError(f"non-zero pattern shape {tuple(nonzero.shape)} differs from score shape {tuple(score.shape)}")
-    b, k, n, m = _check_block(b, k, n, m)
-    fracs = {"dense": _fraction("dense", dense), "nm": _fraction("nm", nm), "topk": _fraction("topk", topk)}
-    if abs(sum(fracs.values()) - 1.0) > 1e-6:
-        raise WandaError(f"tier fractions dense + nm + topk must sum to 1, got {dense} + {nm} + {topk} = {sum(fracs.values()):g}")
+    b, k, n, m = check_block(b, k, n, m)
+    fracs = check_tiers(dense, nm, topk)
 
     levels = block_levels(nonzero, b, k, n, m)
     order = _rank(block_importance(score, b))
@@ -262,8 +267,8 @@ def three_tier_step_mask(score, nonzero, inner=None, dense=0.35, nm=0.45, topk=0
 def block_mask(score, sparsity, b=16):
     """The floor(B * sparsity) least important blocks are zeroed; the rest stay dense."""
     _check_score(score)
-    b = _check_block(b)[0]
-    sparsity = _fraction("sparsity", sparsity)
+    b = check_block(b)[0]
+    sparsity = check_fraction("sparsity", sparsity)
     order = _rank(block_importance(score, b))
     n_zero = _count(order.numel(), sparsity)
     ids = order[order.numel() - n_zero:]
@@ -274,8 +279,8 @@ def block_mask(score, sparsity, b=16):
 def block_topk_mask(score, sparsity, k=15, b=16):
     """The floor(B * sparsity) least important blocks keep only their k best; the rest stay dense."""
     _check_score(score)
-    b, k = _check_block(b, k)[:2]
-    sparsity = _fraction("sparsity", sparsity)
+    b, k = check_block(b, k)[:2]
+    sparsity = check_fraction("sparsity", sparsity)
     order = _rank(block_importance(score, b))
     n_topk = _count(order.numel(), sparsity)
     blk = _blocks(score.float(), b, float("-inf"))
@@ -288,9 +293,9 @@ def hybrid_nm_mask(score, top_ratio=0.6, threshold=0.8, k=15, b=16, n=2, m=4):
     """Among the top floor(B * top_ratio) blocks, a block gets n:m when that keeps at least
     `threshold` of its total score, else it stays dense; every other block keeps its k best."""
     _check_score(score)
-    b, k, n, m = _check_block(b, k, n, m)
-    top_ratio = _fraction("top_ratio", top_ratio)
-    threshold = _fraction("threshold", threshold)
+    b, k, n, m = check_block(b, k, n, m)
+    top_ratio = check_fraction("top_ratio", top_ratio)
+    threshold = check_fraction("threshold", threshold)
     sums, counts = _block_sums(score, b)
     order = _rank(sums / counts)
     n_top = _count(order.numel(), top_ratio)

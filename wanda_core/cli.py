@@ -148,9 +148,8 @@ def cmd_prune(a) -> None:
     params = _params(a.param)
     # Validate the method, pattern and options before the (slow) model load.
     from .masks import parse_pattern
-    from .methods import check_params, get_method, needs_calibration
+    from .request import resolve
 
-    method = get_method(a.method)
     if ":" in a.pattern and a.sparsity is not None:
         implied, given = parse_pattern(a.pattern).sparsity, _sparsity(a.sparsity)
         if isinstance(given, list) or abs(given - implied) > 1e-9:  # an explicit --sparsity the pattern would override
@@ -161,9 +160,7 @@ def cmd_prune(a) -> None:
     sparsity = SPARSITY if a.sparsity is None else _sparsity(a.sparsity)
     if a.pipeline not in engine.PIPELINES:
         raise WandaError(f"unknown pipeline {a.pipeline!r}: choose one of {', '.join(engine.PIPELINES)}")
-    pattern = parse_pattern(a.pattern, None if ":" in a.pattern else sum(sparsity) / len(sparsity) if isinstance(sparsity, list) else sparsity)
-    check_params(method, pattern, params)
-    calibrated = needs_calibration(method, params)
+    calibrated = resolve(a.method, a.pattern, sparsity, params).needs_calibration
     if calibrated and not a.calibration:
         raise WandaError(f"method {a.method!r} needs calibration windows: make them with `wanda-core calibrate --model "
                          f"{a.model} --data TEXT_FILE --out calib.safetensors`, then add --calibration calib.safetensors")
@@ -497,7 +494,8 @@ def _prune_parser(sub):
     s = sub.add_parser("prune", help="prune a model and save its pruned weights", epilog=_methods_help())
     _model_args(s, "where blocks are computed (default: cuda if available)")
     s.add_argument("--weights-device", default="cpu", help="where the model's weights live between blocks")
-    s.add_argument("--method", required=True, help="pruning method (see the list below)")
+    s.add_argument("--method", required=True, help="pruning method (see the list below), or the dotted path of a module "
+                   "implementing the method contract (mypkg.my_method), or an installed wanda_core.methods entry point")
     s.add_argument("--pattern", default="unstructured", help="unstructured or N:M such as 2:4")
     s.add_argument("--sparsity", default=None,
                    help=f"fraction of weights to prune, unstructured only (default: {SPARSITY}), or one per decoder block: "

@@ -22,7 +22,6 @@ heap), timing.py (PhaseTimer: the report's seconds_split).
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -34,9 +33,10 @@ from tqdm.auto import tqdm
 from . import hardware, memory
 from .capture import BlockInputs, block_stats, calibration_inputs, move_outside_blocks, stat_hooks
 from .errors import WandaError
-from .masks import Pattern, pack_mask, parse_pattern
-from .methods import Stats, check_params, get_method, stats_kinds
+from .masks import Pattern, pack_mask
+from .methods import Stats
 from .model import Target, find_blocks, find_targets, resolve_device
+from .request import PruneRequest, resolve
 from .timing import PhaseTimer
 
 log = logging.getLogger("wanda_core")
@@ -99,13 +99,12 @@ def prune(
     are moved there one at a time and back. offload_activations: keep the calibration
     activations on the CPU (default: only when they would not fit on the compute device).
     """
-    m = get_method(method)
+    request = resolve(method, pattern, sparsity, params)
+    m, params, kinds = request.module, request.params, request.stats
     if pipeline not in PIPELINES:
         raise WandaError(f"unknown pipeline {pipeline!r}: choose one of {', '.join(PIPELINES)}")
     path, blocks = find_blocks(model)
-    patterns, pat = _block_patterns(pattern, sparsity, len(blocks))
-    params = check_params(m, pat, dict(params or {}))
-    kinds = stats_kinds(m, params)
+    patterns, pat = _block_patterns(request, len(blocks))
     home = next(blocks.parameters()).device
     compute = resolve_device(device) if device is not None else home
     autocast = hardware.autocast_dtype(compute_dtype, compute, next(blocks.parameters()).dtype)
@@ -252,7 +251,7 @@ def prune_target(run: Run, i: int, t: Target, stats: Stats | None) -> None:
         if run.kinds and (stats is None or stats.count == 0):
             log.warning("%s: no calibration token reached this matrix; pruning it as if all inputs were equal", t.name)
             stats = Stats.uniform(w.shape[1], run.kinds, w.device)
-        named = {"name": t.name} if "name" in inspect.signature(run.method.prune_matrix).parameters else {}
+        named = {"name": t.name} if getattr(run.method, "MATRIX_NAME", False) else {}
         try:
             result = run.method.prune_matrix(w, stats, run.patterns[i], **run.params, **named)
         except WandaError as e:
@@ -314,17 +313,13 @@ def _report(run: Run, layers: list[dict], requested: str, pipeline: str) -> dict
     return report
 
 
-def _block_patterns(pattern: str, sparsity, n_blocks: int) -> tuple[list[Pattern], Pattern]:
+def _block_patterns(request: PruneRequest, n_blocks: int) -> tuple[list[Pattern], Pattern]:
     """One pattern per block, and the pattern that stands for all of them (its mean sparsity)."""
-    if isinstance(sparsity, (list, tuple)):
-        if ":" in str(pattern):
-            raise WandaError(f"a sparsity per block applies to unstructured patterns, not {pattern}")
-        if len(sparsity) != n_blocks:
-            raise WandaError(f"{len(sparsity)} block sparsities given for a model of {n_blocks} decoder blocks")
-        patterns = [parse_pattern(pattern, s) for s in sparsity]
-        return patterns, parse_pattern(pattern, sum(p.sparsity for p in patterns) / n_blocks)
-    pat = parse_pattern(pattern, None if ":" in str(pattern) else sparsity)
-    return [pat] * n_blocks, pat
+    if request.block_sparsity is None:
+        return [request.pattern] * n_blocks, request.pattern
+    if len(request.block_sparsity) != n_blocks:
+        raise WandaError(f"{len(request.block_sparsity)} block sparsities given for a model of {n_blocks} decoder blocks")
+    return [Pattern("unstructured", s) for s in request.block_sparsity], request.pattern
 
 
 

@@ -8,13 +8,12 @@ import re
 from typing import NamedTuple
 
 from .errors import WandaError
-from .masks import parse_pattern
-from .methods import check_params, get_method
+from .methods import METHODS, get_method
+from .request import own_pattern, pattern_of, resolve
 
-# Methods whose structure is fixed by their own options: they run once, under the label "none".
-OWN_PATTERN = ("dense", "three_tier", "hybrid_nm")
-# 'match-<method>': unstructured at the sparsity that <method> (one of OWN_PATTERN) measured, read from
-# its prune report when the job runs: the plain methods' baseline beside a hybrid pattern.
+# Methods whose structure is fixed by their own options (OWN_PATTERN = True) run once, under the label "none".
+# 'match-<method>': unstructured at the sparsity that <method> (one with its own structure) measured, read
+# from its prune report when the job runs: the plain methods' baseline beside a hybrid pattern.
 MATCH = "match-"
 NO_SEED = "noseed"  # the seed label of runs that use no calibration (dense, magnitude)
 
@@ -54,10 +53,20 @@ def matched_sources(config: dict, name: str) -> list[str]:
     return [source for source, spec in config["methods"].items() if name in (spec.get("matched") or [])]
 
 
+def has_own_structure(config: dict, name: str) -> bool:
+    """Whether method `name` of the config fixes its own structure (dense, three_tier, hybrid_nm, ...)."""
+    return own_pattern(get_method(config["methods"][name]["method"]))
+
+
+def has_sparsity_to_match(config: dict, name: str) -> bool:
+    """An own structure that prunes: other methods can run at the sparsity it measured (not dense)."""
+    return has_own_structure(config, name) and config["methods"][name]["method"] != "dense"
+
+
 def method_patterns(config: dict, name: str) -> list[str]:
-    spec = config["methods"][name]
-    if spec["method"] in OWN_PATTERN:
+    if has_own_structure(config, name):
         return ["none"]
+    spec = config["methods"][name]
     return list(spec.get("patterns") or config["patterns"]) + [MATCH + s for s in matched_sources(config, name)]
 
 
@@ -96,11 +105,6 @@ def match_report(config: dict, run: "Run") -> str:
     return f"results/pruned/{run.model}/{source}/none/{seed}.json"
 
 
-def _parse_label(label: str):
-    pattern, sparsity = pattern_args(label)
-    return parse_pattern(pattern, None if ":" in pattern else sparsity)
-
-
 def check_config(config: dict, files: bool = True) -> None:
     """What the JSON schema cannot say: valid patterns, known methods and options, known data sets,
     and (files=True: on the machine that runs the workflow) that the data files named by `path:` exist."""
@@ -110,17 +114,16 @@ def check_config(config: dict, files: bool = True) -> None:
             (f"methods.{name}.patterns", spec["patterns"]) for name, spec in config["methods"].items() if spec.get("patterns")]:
         for label in labels:
             try:
-                _parse_label(label)
+                pattern_of(*pattern_args(label))
             except WandaError as e:
                 raise WandaError(f"config {where}: {e}") from None
     for name, spec in config["methods"].items():
         try:
-            method = get_method(spec["method"])
             for label in method_patterns(config, name):
                 pattern, sparsity = pattern_args(label)
                 if sparsity is None:  # a matched baseline: unstructured at a sparsity known later; 0.5 stands in
                     sparsity = 0.5
-                check_params(method, parse_pattern(pattern, None if ":" in pattern else sparsity), dict(spec.get("params", {})))
+                resolve(spec["method"], pattern, sparsity, spec.get("params"))
             check_matched(config, name)
         except WandaError as e:
             raise WandaError(f"config methods.{name}: {e}") from None
@@ -198,13 +201,13 @@ def check_sources(config: dict, models_dir: str = "resources/models") -> None:
 
 def check_matched(config: dict, name: str) -> None:
     matched = config["methods"][name].get("matched") or []
-    hybrids = [m for m in OWN_PATTERN if m != "dense"]
-    if matched and config["methods"][name]["method"] not in hybrids:
+    if matched and not has_sparsity_to_match(config, name):
+        hybrids = [m for m, module in METHODS.items() if own_pattern(module) and m != "dense"]
         raise WandaError(f"matched: only methods with their own structure ({', '.join(hybrids)}) have a sparsity to match")
     for other in matched:
         if other not in config["methods"]:
             raise WandaError(f"matched: {other!r} is not in methods ({', '.join(config['methods'])})")
-        if config["methods"][other]["method"] in OWN_PATTERN:
+        if has_own_structure(config, other):
             raise WandaError(f"matched: {other!r} has its own structure; it cannot prune at another method's sparsity")
 
 
@@ -449,16 +452,13 @@ def progressive_steps(config: dict, name: str) -> list[dict]:
     import hashlib
     import json
 
-    from .methods import get_method
-
     spec = _finetune(config)["progressive"][name]
     method = config["methods"][spec["method"]]
     kind = get_method(method["method"])
     chain, out = [], []
     for i, step in enumerate(spec["steps"], 1):
-        params = {**method.get("params", {}), **step.get("params", {})}
-        if "progressive" in kind.PARAMS:
-            params["progressive"] = True  # blocks never move to a denser tier (three_tier)
+        # the method's own options for a progressive step (three_tier: blocks never move to a denser tier)
+        params = {**method.get("params", {}), **step.get("params", {}), **getattr(kind, "PROGRESSIVE_PARAMS", {})}
         own = method_patterns(config, spec["method"])
         pattern = step.get("pattern") or (own[0] if len(own) == 1 else None)
         if pattern is None:
@@ -536,12 +536,12 @@ def check_finetune(config: dict) -> None:
         steps = progressive_steps(config, name)
         for j, step in enumerate(steps):
             try:
-                p, sparsity = pattern_args(step["pattern"])
-                check_params(kind, parse_pattern(p, None if ":" in p else sparsity), dict(step["params"]))
+                resolve(method["method"], *pattern_args(step["pattern"]), step["params"])
             except WandaError as e:
                 raise WandaError(f"{where}.steps[{j}]: {e}") from None
-        target = {**kind.PARAMS, **method.get("params", {})}
-        final = {k: v for k, v in {**kind.PARAMS, **steps[-1]["params"]}.items() if k != "progressive"}
-        if {k: v for k, v in target.items() if k != "progressive"} != final or steps[-1]["pattern"] not in method_patterns(config, spec["method"]):
+        progressive = getattr(kind, "PROGRESSIVE_PARAMS", {})  # set by every step: not part of the target
+        target = {k: v for k, v in {**kind.PARAMS, **method.get("params", {})}.items() if k not in progressive}
+        final = {k: v for k, v in {**kind.PARAMS, **steps[-1]["params"]}.items() if k not in progressive}
+        if target != final or steps[-1]["pattern"] not in method_patterns(config, spec["method"]):
             raise WandaError(f"{where}: the last step must reach the method's own structure "
                              f"({spec['method']}: {pattern_title(method_patterns(config, spec['method'])[-1])}, options {method.get('params', {})})")

@@ -331,7 +331,7 @@ def ordered(values, order: list) -> list:
 
 def column_order(config: dict) -> list[str]:
     plain = [p for m in config["methods"] for p in grid.method_patterns(config, m) if p != "none" and not p.startswith(MATCH)]
-    own = [MATCH + m for m, spec in config["methods"].items() if spec["method"] in grid.OWN_PATTERN and spec["method"] != "dense"]
+    own = [MATCH + m for m in config["methods"] if grid.has_sparsity_to_match(config, m)]
     return ["dense", *dict.fromkeys([*config.get("patterns", []), *plain]), *own]
 
 

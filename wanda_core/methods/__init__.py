@@ -1,119 +1,109 @@
 """One module per pruning method, behind one registry.
 
-A method module defines:
-  NAME       the registry key
-  STATS      which calibration statistics it needs: None, a kind ("sqnorm", "hessian", "moments")
-             or a tuple of kinds; a module whose needs depend on its options defines stats_kinds(params)
-  PARAMS     its options with their defaults
-  PATTERNS   the pattern kinds it accepts ("unstructured", "nm")
+A method is any module that implements this contract (the built-in ones below, a module of an
+installed package under the entry-point group `wanda_core.methods`, or any importable module given
+by its dotted path: `--method mypkg.my_method`, `method: mypkg.my_method` in the config).
+
+Required:
+  NAME       its name (in logs and reports)
+  STATS      the calibration statistics it needs: None, a kind ("sqnorm", "hessian", "moments")
+             or a tuple of kinds (see base.Stats)
+  PARAMS     its options and their defaults: {name: default}
+  PATTERNS   the pattern kinds it accepts: "unstructured", "nm"
   prune_matrix(weight, stats, pattern, **params) -> MatrixResult
-where `weight` is the [out_features, in_features] float32 matrix (a copy the method may modify);
-a prune_matrix with a `name` parameter also gets the matrix's dotted name.
-Optional: check(pattern, params) validates options before any model is loaded (check_params).
-Optional per-block allocation (OWL): ALLOCATION_STATS, block_score(matrices, params) -> float for
-each block of a dense pre-pass (matrices: [(name, float32 weight, Stats)]), and
-allocate(scores, pattern, params) -> one Pattern per block.
+             weight: the [out_features, in_features] float32 matrix (a copy the method may modify);
+             stats: a base.Stats with the kinds asked for (None when it asks for none);
+             pattern: a masks.Pattern; params: every option, defaults filled in and checked.
+Optional:
+  check(pattern, params)  rejects bad option values with a WandaError (one line) before any model is
+             loaded; it gets every option (defaults filled in) and must not run the method
+  stats_kinds(params)     the statistics it needs, where they depend on its options (instead of STATS)
+  OWN_PATTERN = True      its options fix the structure: the pattern's sparsity is ignored, and the
+             workflow runs it once (pattern label "none")
+  PROGRESSIVE_PARAMS      options every step of a progressive schedule sets (three_tier: never move
+             a block to a denser tier); ignored when the last step is compared with the target
+  MATRIX_NAME = True      prune_matrix also gets name=, the matrix's dotted name in the model
+  ALLOCATION_STATS, block_score(matrices, params) -> float, allocate(scores, pattern, params)
+             a sparsity per decoder block (OWL): a dense pre-pass scores each block from
+             matrices = [(name, float32 weight, Stats)], and allocate gives one Pattern per block.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import importlib
+from importlib.metadata import entry_points
+from types import ModuleType
 
-import torch
-
-from ..errors import WandaError
+from ..errors import WandaError, first_line
 from ..masks import Pattern
+from .base import MatrixResult, Stats
+from . import admm, alps, block, block_topk, dense, dsnot, hybrid_nm, magnitude, owl, ria, sparsegpt, sparseswaps, three_tier, wanda
 
-
-@dataclass
-class Stats:
-    """Input statistics of one weight matrix, accumulated in float32 over calibration tokens.
-
-    Kinds: "sqnorm" (Wanda), "hessian" (SparseGPT), "moments" (DSnoT: per-channel sum, and the
-    within-sample squared deviations, each calibration sequence taken apart).
-    """
-
-    count: int = 0  # tokens
-    sqnorm: torch.Tensor | None = None  # [in]: sum over tokens of x_j^2
-    hessian: torch.Tensor | None = None  # [in, in]: sum over tokens of x x^T
-    xsum: torch.Tensor | None = None  # [in]: sum over tokens of x_j
-    within: torch.Tensor | None = None  # [in]: sum over sequences of sum over its tokens of (x_j - its mean of x_j)^2
-    samples: int = 0  # sequences ("moments" only)
-
-    def add(self, x: torch.Tensor, kind: str | tuple[str, ...]) -> None:
-        """x: [batch, seq, features] (a batch of sequences) or [tokens, features] (one sequence)."""
-        kinds = (kind,) if isinstance(kind, str) else tuple(kind)
-        if x.numel() == 0:
-            return
-        if "moments" in kinds:
-            self._add_moments(x)
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.count += x.shape[0]
-        if "sqnorm" in kinds:
-            sq = (x * x).sum(0)
-            self.sqnorm = sq if self.sqnorm is None else self.sqnorm.add_(sq)
-        if "hessian" in kinds:
-            h = x.t() @ x
-            self.hessian = h if self.hessian is None else self.hessian.add_(h)
-
-    def _add_moments(self, x: torch.Tensor) -> None:
-        # Sequences stay apart: the variance DSnoT uses is pooled over sequences, each around its own mean.
-        seqs = x.reshape(-1, x.shape[-2], x.shape[-1]).float() if x.dim() >= 3 else x.reshape(1, -1, x.shape[-1]).float()
-        total = seqs.sum(1)  # [sequences, features]
-        dev = seqs - (total / seqs.shape[1]).unsqueeze(1)
-        within = (dev * dev).sum((0, 1))
-        total = total.sum(0)
-        self.xsum = total if self.xsum is None else self.xsum.add_(total)
-        self.within = within if self.within is None else self.within.add_(within)
-        self.samples += seqs.shape[0]
-
-    def mean(self) -> torch.Tensor:
-        return self.xsum / max(self.count, 1)
-
-    def variance(self) -> torch.Tensor:
-        """Pooled within-sequence variance: the token-weighted mean of each sequence's (biased) variance."""
-        return self.within / max(self.count, 1)
-
-    def finite(self) -> bool:
-        tensors = (self.sqnorm, self.hessian, self.xsum, self.within)
-        return all(v is None or bool(torch.isfinite(v).all()) for v in tensors)
-
-    @staticmethod
-    def uniform(in_features: int, kind: str | tuple[str, ...], device=None) -> "Stats":
-        """Stand-in when no token reached a matrix (an unused expert): every input weighs the same
-        (zero mean, unit variance), so nothing is left to reconstruct."""
-        kinds = (kind,) if isinstance(kind, str) else tuple(kind)
-        s = Stats(1)
-        if "sqnorm" in kinds:
-            s.sqnorm = torch.ones(in_features, device=device)
-        if "hessian" in kinds:
-            s.hessian = torch.eye(in_features, device=device)
-        if "moments" in kinds:
-            s.xsum, s.within, s.samples = torch.zeros(in_features, device=device), torch.ones(in_features, device=device), 1
-        return s
-
-
-@dataclass
-class MatrixResult:
-    keep: torch.Tensor  # bool [out, in]
-    weight: torch.Tensor | None = None  # updated weights (SparseGPT); None means weight * keep
-    info: dict = field(default_factory=dict)  # extra per-matrix figures (e.g. tier counts)
-
-
-from . import admm, alps, block, block_topk, dense, dsnot, hybrid_nm, magnitude, owl, ria, sparsegpt, sparseswaps, three_tier, wanda  # noqa: E402
+__all__ = ["METHODS", "ENTRY_POINT_GROUP", "MatrixResult", "Stats", "get_method", "check_params", "stats_kinds",
+           "needs_calibration"]
 
 METHODS = {m.NAME: m for m in (dense, magnitude, wanda, sparsegpt, three_tier, block, block_topk, hybrid_nm,
                                ria, owl, dsnot, alps, admm, sparseswaps)}
+ENTRY_POINT_GROUP = "wanda_core.methods"
+REQUIRED = ("NAME", "STATS", "PARAMS", "PATTERNS", "prune_matrix")
 
 
-def register(module) -> None:
-    METHODS[module.NAME] = module
+def installed() -> dict:
+    """The methods that installed packages declare: entry-point name -> entry point."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
-def get_method(name: str):
-    try:
+def get_method(name: str) -> ModuleType:
+    """The method module `name` names: a built-in method, a dotted module path, or an installed entry point."""
+    if name in METHODS:
         return METHODS[name]
-    except KeyError:
-        raise WandaError(f"unknown method {name!r}: choose one of {', '.join(sorted(METHODS))}") from None
+    if "." in name:
+        return check_contract(_import(name), name)
+    if name not in _loaded:  # the grid asks for a method many times: read the installed packages once
+        eps = installed()
+        if name not in eps:
+            raise WandaError(f"unknown method {name!r}{_how_to_add(eps)}")
+        try:
+            _loaded[name] = check_contract(eps[name].load(), name)
+        except WandaError:
+            raise
+        except Exception as e:  # the package's own import error: name it on one line
+            raise WandaError(f"method {name!r} (entry point {eps[name].value}) failed to import: "
+                             f"{type(e).__name__}: {first_line(e)}") from None
+    return _loaded[name]
+
+
+_loaded: dict[str, ModuleType] = {}  # entry points loaded so far
+
+
+def _import(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name and name.startswith(e.name):  # the module itself (or its package) is not there
+            raise WandaError(f"unknown method {name!r}: no module {e.name!r} on the Python path{_how_to_add(installed())}") from None
+        raise WandaError(f"method module {name!r} failed to import: {type(e).__name__}: {first_line(e)}") from None
+    except Exception as e:
+        raise WandaError(f"method module {name!r} failed to import: {type(e).__name__}: {first_line(e)}") from None
+
+
+def _how_to_add(eps: dict) -> str:
+    others = f"; installed: {', '.join(sorted(eps))}" if eps else ""
+    return (f": choose one of {', '.join(sorted(METHODS))}{others}; or add one: a module implementing the method "
+            f"contract, given by its dotted path (mypkg.my_method) or installed under the entry-point group "
+            f"{ENTRY_POINT_GROUP} (docs/methods.md)")
+
+
+def check_contract(module, name: str):
+    """A method from outside the package: the attributes the engine reads are there and well formed."""
+    missing = [a for a in REQUIRED if not hasattr(module, a)]
+    if missing:
+        raise WandaError(f"method {name!r} ({getattr(module, '__name__', module)}) lacks {', '.join(missing)} "
+                         f"of the method contract (docs/methods.md)")
+    if not isinstance(module.PARAMS, dict) or not callable(module.prune_matrix):
+        raise WandaError(f"method {name!r}: PARAMS must be a dict of option defaults and prune_matrix a function")
+    if not module.PATTERNS or set(module.PATTERNS) - {"unstructured", "nm"}:
+        raise WandaError(f"method {name!r}: PATTERNS must name 'unstructured' and/or 'nm', got {module.PATTERNS!r}")
+    return module
 
 
 def stats_kinds(method, params: dict) -> tuple[str, ...]:
@@ -134,7 +124,8 @@ def needs_calibration(method, params: dict | None = None) -> bool:
 
 
 def check_params(method, pattern: Pattern, params: dict) -> dict:
-    """Fill defaults, reject unknown options and unsupported patterns."""
+    """Every option of `method` for `pattern`, defaults filled in; unknown options, unsupported
+    patterns and bad values (the method's check) fail here, before any model is loaded. Runs nothing."""
     unknown = set(params) - set(method.PARAMS)
     if unknown:
         allowed = ", ".join(sorted(method.PARAMS)) or "none"
@@ -142,16 +133,6 @@ def check_params(method, pattern: Pattern, params: dict) -> dict:
     if pattern.kind not in method.PATTERNS:
         raise WandaError(f"method {method.NAME!r} does not support pattern {pattern}")
     params = {**method.PARAMS, **params}
-    # Bad option values (fractions not summing to 1, k >= b*b, ...) fail here, on a small matrix,
-    # rather than after a model has been loaded and calibrated.
-    cols = 16 * (pattern.m or 4)
-    dummy = torch.rand(16, cols, generator=torch.Generator().manual_seed(0))
     if hasattr(method, "check"):
         method.check(pattern, params)
-    kinds = stats_kinds(method, params)
-    stats = Stats.uniform(cols, kinds) if kinds else None
-    try:
-        method.prune_matrix(dummy, stats, pattern, **params)
-    except TypeError as e:
-        raise WandaError(f"method {method.NAME!r}: bad options {params}: {e}") from None
     return params

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from . import MatrixResult
+from .base import MatrixResult
 from ..errors import WandaError
 from ..masks import nm_mask, unstructured_matrix_mask, unstructured_row_mask
 

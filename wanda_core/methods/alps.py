@@ -21,7 +21,7 @@ import math
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from . import MatrixResult
+from .base import MatrixResult
 from ..errors import WandaError
 from ..masks import nm_mask, unstructured_matrix_mask
 

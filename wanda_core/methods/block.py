@@ -2,10 +2,9 @@
 
 The fraction is the pattern's sparsity.
 """
-from . import MatrixResult
+from .base import MatrixResult
 from .wanda import score
-from ..block_masks import block_mask
-from ..errors import WandaError
+from ..block_masks import block_mask, check_block
 
 NAME = "block"
 STATS = "sqnorm"
@@ -13,8 +12,10 @@ PARAMS = {"block_size": 16}
 PATTERNS = ("unstructured",)
 
 
+def check(pattern, params: dict) -> None:
+    check_block(params["block_size"])
+
+
 def prune_matrix(weight, stats, pattern, block_size=16) -> MatrixResult:
-    if pattern.kind not in PATTERNS:
-        raise WandaError(f"method {NAME!r} does not support pattern {pattern}")
     keep, counts = block_mask(score(weight, stats), pattern.sparsity, b=block_size)
     return MatrixResult(keep=keep, info={"blocks_dense": counts["dense"], "blocks_zeroed": counts["zeroed"]})

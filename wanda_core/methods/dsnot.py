@@ -29,7 +29,8 @@ a pruned weight for a kept one and otherwise stops the row, so each row keeps it
 """
 import torch
 
-from . import MatrixResult
+from . import wanda
+from .base import MatrixResult
 from .sparsegpt import inverse_hessian_factor
 from ..errors import WandaError
 from ..masks import nm_mask, unstructured_row_mask
@@ -41,6 +42,7 @@ PARAMS = {"init": "wanda", "max_cycles": 50, "update_threshold": 0.1, "var_power
 PATTERNS = ("unstructured", "nm")
 INITS = ("wanda", "magnitude", "sparsegpt")
 SKIPS = ("mlp", "attention", "none")
+MATRIX_NAME = True  # skip ("mlp", "attention") needs to know where the matrix lies
 
 
 def stats_kinds(params: dict) -> tuple[str, ...]:
@@ -76,7 +78,7 @@ def in_attention(name: str) -> bool:
 
 def initial_score(weight, stats, init: str) -> torch.Tensor:
     if init == "wanda":
-        return weight.abs() * stats.sqnorm.sqrt().unsqueeze(0)
+        return wanda.score(weight, stats)
     if init == "magnitude":
         return weight.abs()
     w = weight.clone()  # SparseGPT's selection score on the weights as they are (dead inputs zeroed)
@@ -86,8 +88,6 @@ def initial_score(weight, stats, init: str) -> torch.Tensor:
 
 def prune_matrix(weight, stats, pattern, name=None, init="wanda", max_cycles=50, update_threshold=0.1,
                  var_power=1.0, skip="mlp", same_sign=None, strict_swaps=False) -> MatrixResult:
-    check(pattern, {"init": init, "max_cycles": max_cycles, "update_threshold": update_threshold,
-                    "var_power": var_power, "skip": skip, "same_sign": same_sign, "strict_swaps": strict_swaps})
     score = initial_score(weight, stats, init)
     if pattern.kind == "nm":
         keep = nm_mask(score, pattern.n, pattern.m)
@@ -111,9 +111,8 @@ def prune_matrix(weight, stats, pattern, name=None, init="wanda", max_cycles=50,
         swaps, cycles = _refine_nm(keep, contrib, error, regrow_order, score, pattern.m, max_cycles, update_threshold,
                                    True if same_sign is None else same_sign, strict_swaps)
     else:
-        wanda = weight.abs() * stats.sqnorm.sqrt().unsqueeze(0)
-        swaps, cycles = _refine_unstructured(keep, contrib, error, regrow_order, wanda, max_cycles, update_threshold,
-                                             bool(same_sign), strict_swaps)
+        swaps, cycles = _refine_unstructured(keep, contrib, error, regrow_order, wanda.score(weight, stats), max_cycles,
+                                             update_threshold, bool(same_sign), strict_swaps)
     return MatrixResult(keep=keep, info={"dsnot_swaps": swaps, "dsnot_cycles": cycles})
 
 
@@ -161,13 +160,13 @@ def _swap(keep, error, active, written, row, p_idx, r_idx, p_val, r_val) -> int:
     return int(active.sum())
 
 
-def _refine_unstructured(keep, contrib, error, regrow_order, wanda, max_cycles, threshold, same_sign, strict):
+def _refine_unstructured(keep, contrib, error, regrow_order, wanda_score, max_cycles, threshold, same_sign, strict):
     """Swap in place on `keep`; returns (swaps, cycles run)."""
     rows = keep.shape[0]
     n_kept = int(keep[0].sum())  # the initial mask keeps the same number in every row
     # Prune candidates: the kept weights in ascending Wanda order, those with c < 0 first (read from
     # the start when e >= 0) and those with c > 0 last in reverse (read from the end when e < 0).
-    kept_by_wanda = torch.sort(wanda.masked_fill(~keep, float("inf")), dim=1, stable=True).indices[:, :n_kept]
+    kept_by_wanda = torch.sort(wanda_score.masked_fill(~keep, float("inf")), dim=1, stable=True).indices[:, :n_kept]
     c = contrib.gather(1, kept_by_wanda)
     pos = torch.arange(n_kept, device=keep.device).expand_as(c)
     key = torch.where(c < 0, pos, torch.where(c > 0, 3 * n_kept - pos, n_kept + pos))

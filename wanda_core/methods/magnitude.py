@@ -1,5 +1,5 @@
 """Magnitude pruning: score |W|. Unstructured compares within the whole matrix, as the Wanda reference does."""
-from . import MatrixResult
+from .base import MatrixResult
 from ..masks import pattern_mask
 
 NAME = "magnitude"

@@ -15,7 +15,8 @@ import math
 import numpy as np
 import torch
 
-from . import MatrixResult, magnitude, ria, sparsegpt, wanda
+from . import magnitude, ria, sparsegpt, wanda
+from .base import MatrixResult
 from ..errors import WandaError
 from ..masks import Pattern
 
@@ -84,8 +85,7 @@ def block_score(matrices: list[tuple[str, torch.Tensor, object]], params: dict) 
     """The block's outlier ratio, from its dense weights and their input norms."""
     M = _options(params)[1]
     # An expert no calibration token chose has no statistics: its scores are all 0.
-    return outlier_ratio([w.abs() * st.sqnorm.sqrt().unsqueeze(0) if st.sqnorm is not None else torch.zeros_like(w)
-                          for _, w, st in matrices], M)
+    return outlier_ratio([wanda.score(w, st) if st.sqnorm is not None else torch.zeros_like(w) for _, w, st in matrices], M)
 
 
 def allocate(scores: list[float], pattern: Pattern, params: dict) -> list[Pattern]:

@@ -14,7 +14,7 @@ kept score (scipy's linear_sum_assignment; their --fast block split is not imple
 """
 import torch
 
-from . import MatrixResult
+from .base import MatrixResult
 from ..errors import WandaError
 from ..masks import nm_mask, pattern_mask
 
@@ -22,6 +22,19 @@ NAME = "ria"
 STATS = "sqnorm"
 PARAMS = {"a": 0.5, "per_row": False, "reallocation": False, "lsa": False}
 PATTERNS = ("unstructured", "nm")
+
+
+def check(pattern, params: dict) -> None:
+    a = params["a"]
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or not a >= 0:
+        raise WandaError(f"RIA exponent a must be a number >= 0, got {a!r}")
+    for key in ("per_row", "reallocation", "lsa"):
+        if not isinstance(params[key], bool):
+            raise WandaError(f"RIA option {key} must be true or false, got {params[key]!r}")
+    if params["reallocation"] and pattern.kind != "nm":
+        raise WandaError("RIA reallocation applies to N:M patterns only")
+    if params["lsa"] and not params["reallocation"]:
+        raise WandaError("RIA lsa refines the channel reallocation: set reallocation too")
 
 
 def score(weight: torch.Tensor, stats, a: float = 0.5) -> torch.Tensor:
@@ -35,15 +48,6 @@ def score(weight: torch.Tensor, stats, a: float = 0.5) -> torch.Tensor:
 
 
 def prune_matrix(weight, stats, pattern, a=0.5, per_row=False, reallocation=False, lsa=False) -> MatrixResult:
-    if isinstance(a, bool) or not isinstance(a, (int, float)) or not a >= 0:
-        raise WandaError(f"RIA exponent a must be a number >= 0, got {a!r}")
-    for key, value in (("per_row", per_row), ("reallocation", reallocation), ("lsa", lsa)):
-        if not isinstance(value, bool):
-            raise WandaError(f"RIA option {key} must be true or false, got {value!r}")
-    if reallocation and pattern.kind != "nm":
-        raise WandaError("RIA reallocation applies to N:M patterns only")
-    if lsa and not reallocation:
-        raise WandaError("RIA lsa refines the channel reallocation: set reallocation too")
     s = score(weight, stats, a)
     if reallocation:
         order = reallocation_order(s, pattern.m)

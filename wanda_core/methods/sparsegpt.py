@@ -8,7 +8,7 @@ import contextlib
 
 import torch
 
-from . import MatrixResult
+from .base import MatrixResult
 from ..errors import WandaError
 from ..masks import nm_mask, unstructured_matrix_mask
 
@@ -16,6 +16,16 @@ NAME = "sparsegpt"
 STATS = "hessian"
 PARAMS = {"blocksize": 128, "percdamp": 0.01}
 PATTERNS = ("unstructured", "nm")
+
+
+def check(pattern, params: dict) -> None:
+    blocksize, percdamp = params["blocksize"], params["percdamp"]
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise WandaError(f"SparseGPT blocksize must be a whole number >= 1, got {blocksize!r}")
+    if pattern.kind == "nm" and blocksize % pattern.m:
+        raise WandaError(f"SparseGPT blocksize {blocksize} must be a multiple of M={pattern.m}")
+    if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not percdamp >= 0:
+        raise WandaError(f"SparseGPT percdamp must be a number >= 0, got {percdamp!r}")
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, count: int, weight: torch.Tensor, percdamp: float):
@@ -39,8 +49,6 @@ def prune_matrix(weight, stats, pattern, blocksize=128, percdamp=0.01) -> Matrix
     rows, cols = W.shape
     if pattern.kind == "nm" and cols % pattern.m:
         raise WandaError(f"input width {cols} is not divisible by M={pattern.m} for an N:M pattern")
-    if pattern.kind == "nm" and blocksize % pattern.m:
-        raise WandaError(f"SparseGPT blocksize {blocksize} must be a multiple of M={pattern.m}")
     with _one_cpu_thread(W.device):  # LAPACK's Cholesky rounds differently with more threads: masks would follow
         Hinv = inverse_hessian_factor(stats.hessian, stats.count, W, percdamp)
     pruned = torch.zeros_like(W, dtype=torch.bool)

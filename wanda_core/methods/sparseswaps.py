@@ -19,7 +19,8 @@ or RIA): the equal sparsity per row the decoupling needs.
 """
 import torch
 
-from . import MatrixResult, magnitude, ria, wanda
+from . import magnitude, ria, wanda
+from .base import MatrixResult
 from ..errors import WandaError
 from ..masks import pattern_mask
 

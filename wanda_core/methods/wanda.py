@@ -1,13 +1,19 @@
 """Wanda: score |W_ij| * ||X_j||_2, compared within each output row (Sun et al., 2023)."""
 import torch
 
-from . import MatrixResult
+from .base import MatrixResult
+from ..errors import WandaError
 from ..masks import pattern_mask
 
 NAME = "wanda"
 STATS = "sqnorm"
 PARAMS = {"variant": False}
 PATTERNS = ("unstructured", "nm")
+
+
+def check(pattern, params: dict) -> None:
+    if not isinstance(params["variant"], bool):
+        raise WandaError(f"Wanda variant must be true or false, got {params['variant']!r}")
 
 
 def score(weight: torch.Tensor, stats) -> torch.Tensor:

@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import re
 import shlex
 import sys
 
@@ -62,8 +63,8 @@ TASK_DIR = ZEROSHOT["include_path"] and os.path.relpath(os.path.join(workflow.ba
 
 wildcard_constraints:
     model="|".join(config["models"]),
-    method="|".join(config["methods"]),
-    pattern=r"none|unstructured-[0-9.]+|[0-9]+-[0-9]+|" + "|".join(grid.MATCH + m for m in config["methods"]),
+    method="|".join(map(re.escape, config["methods"])),  # a name may hold dots (mypkg.my_method)
+    pattern=r"none|unstructured-[0-9.]+|[0-9]+-[0-9]+|" + "|".join(re.escape(grid.MATCH + m) for m in config["methods"]),
     seed=rf"seed[0-9]+|{grid.NO_SEED}",
     dataset="|".join(config["datasets"]) or "NONE",
     task="|".join(ZEROSHOT["tasks"]) or "NONE",

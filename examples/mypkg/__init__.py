@@ -1,0 +1,1 @@
+"""An outside package with one pruning method (docs/methods.md, "Adding a method")."""
