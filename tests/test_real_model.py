@@ -2,7 +2,6 @@
 import math
 
 import pytest
-import torch
 
 import wanda_core as wc
 
