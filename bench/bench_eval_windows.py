@@ -18,7 +18,6 @@ model load, tokenizing and the windows), the sizes alternating, and reports the 
 import argparse
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys

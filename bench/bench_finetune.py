@@ -4,7 +4,7 @@ For each pruned model (Wanda 2:4, three-tier, magnitude 50% by default): prune w
 valid calibration windows, measure perplexity, fine-tune on WikiText-2 valid (a LoRA adapter by
 default: locuslab/wanda's rank 8, alpha 16, q_proj + v_proj, lr 1e-4), and measure again: with the
 adapter unmerged, and merged into the weights with the masks re-applied. Prints JSON and writes
-bench/results/finetune_smollm2_<device>.json.
+bench/results/finetune_smollm2_<kind>_cpu.json (--name; --quick writes nothing).
 
     python bench/bench_finetune.py                  # 200 LoRA steps of 1 x 256 tokens per model
     python bench/bench_finetune.py --kind masked --lr 2e-5
@@ -19,14 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, WIKITEXT, smollm2_dir  # noqa: E402
+from common import WIKITEXT, loadavg, machine_note, smollm2_dir, write_result  # noqa: E402
 
 RUNS = {"wanda-2:4": ("wanda", "2:4", 0.5), "three_tier": ("three_tier", "unstructured", 0.0),
         "magnitude-50%": ("magnitude", "unstructured", 0.5)}
-
-
-def loadavg() -> list[float]:
-    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
 def main():
@@ -44,7 +40,7 @@ def main():
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="4 steps, 2 evaluation windows: checks that the script runs")
-    p.add_argument("--out", default=None)
+    p.add_argument("--name", default=None, help="results file bench/results/NAME.json (default finetune_smollm2_<kind>_cpu)")
     args = p.parse_args()
     if args.quick:
         args.steps, args.eval_windows = 4, 2
@@ -102,12 +98,12 @@ def main():
         "bench": "finetune_smollm2", "model": "SmolLM2-135M-Instruct (float32, CPU)", "threads": args.threads,
         "calibration": "wikitext-2 valid 16x256 seed 0", "training": f"wikitext-2 valid, {train.shape[0]} windows of {args.seqlen}",
         "eval": f"wikitext-2 test {args.eval_windows}x{args.eval_seqlen}", "recipe": recipe, "loadavg_start": started,
-        "loadavg_end": loadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows,
+        "loadavg_end": loadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows, "machine": machine_note(started),
     }
-    print(json.dumps(result, indent=1))
-    if not args.quick:
-        out = Path(args.out) if args.out else RESULTS / f"finetune_smollm2_{args.kind}_cpu.json"
-        out.write_text(json.dumps(result, indent=1) + "\n")
+    if args.quick:  # a check that the script runs: nothing written
+        print(json.dumps(result, indent=1))
+    else:
+        write_result(args.name or f"finetune_smollm2_{args.kind}_cpu", result)
 
 
 if __name__ == "__main__":

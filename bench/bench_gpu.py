@@ -18,7 +18,6 @@ The JSON is rewritten after every stage, so a run cut short by the time limit ke
 import argparse
 import os
 import re
-import statistics
 import sys
 import time
 import traceback

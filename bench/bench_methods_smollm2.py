@@ -1,5 +1,5 @@
 """WikiText-2 perplexity and prune seconds of SmolLM2-135M pruned by Wanda, OWL, RIA, DSnoT (issue #14),
-SparseGPT, ALPS, the ADMM weight update and SparseSwaps (issue #24); prints JSON.
+SparseGPT, ALPS, the ADMM weight update and SparseSwaps (issue #24), magnitude and the block patterns; prints JSON.
 
 Calibration as the Wanda code's get_wikitext2 draws it, here from valid.txt: the lines joined with
 " " into one token stream, random.seed(0), each window starting at random.randint(0, n - seqlen - 1).
@@ -14,13 +14,12 @@ appends a note of the update (date, rows, machine) under "updates".
 import argparse
 import datetime
 import json
-import random
 import sys
 import time
 
 import torch
 
-from common import RESULTS, WIKITEXT, loadavg, machine_note, smollm2_dir, write_result
+from common import RESULTS, loadavg, machine_note, smollm2_dir, wikitext_test_ids, wikitext_windows, write_result
 
 RUNS = [  # (label, method, pattern, sparsity, options)
     ("dense", "dense", "unstructured", 0.0, {}),
@@ -38,19 +37,19 @@ RUNS = [  # (label, method, pattern, sparsity, options)
     *[(f"{m} {label}", m, pattern, sparsity, {}) for m in ("sparsegpt", "alps", "admm")
       for label, pattern, sparsity in (("50%", "unstructured", 0.5), ("60%", "unstructured", 0.6),
                                        ("70%", "unstructured", 0.7), ("2:4", "2:4", None))],
+    # The block patterns and magnitude (formerly bench/ppl_smollm2.py): three_tier and hybrid_nm fix their own
+    # sparsity (the 0.5 given is only what the unstructured pattern requires; the row records the measured one).
+    ("magnitude 50%", "magnitude", "unstructured", 0.5, {}),
+    ("three_tier", "three_tier", "unstructured", 0.5, {"inner_score": "wanda"}),
+    ("three_tier magnitude", "three_tier", "unstructured", 0.5, {"inner_score": "magnitude"}),
+    ("block_topk 20%", "block_topk", "unstructured", 0.2, {}),
+    ("hybrid_nm", "hybrid_nm", "unstructured", 0.5, {}),
     # Exhaustive 1-swap search (the paper's) costs rows x in^2 per swap: hours on a CPU. Here each swap is the
     # best among the 16 kept weights cheapest to prune and the 16 pruned weights best to regrow (N:M: exhaustive).
     *[(f"sparseswaps+wanda {label}", "sparseswaps", pattern, sparsity, {"base": "wanda", "candidates": 16})
       for label, pattern, sparsity in (("50%", "unstructured", 0.5), ("60%", "unstructured", 0.6),
                                        ("70%", "unstructured", 0.7), ("2:4", "2:4", None))],
 ]
-
-
-def wanda_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """The Wanda code's get_wikitext2 sampling (Python's random, inclusive randint) on one token stream."""
-    random.seed(seed)
-    starts = [random.randint(0, token_ids.numel() - seqlen - 1) for _ in range(nsamples)]
-    return torch.stack([token_ids[s : s + seqlen] for s in starts])
 
 
 def main():
@@ -77,9 +76,8 @@ def main():
     import wanda_core as wc
 
     model, tok = wc.load_model(args.model or smollm2_dir(), device="cpu")
-    calib_ids = wc.tokenize(tok, wc.read_corpus(WIKITEXT / "valid.txt", join=" "))
-    calib = wanda_windows(calib_ids, args.nsamples, args.seqlen)
-    test = wc.tokenize(tok, wc.read_corpus(WIKITEXT / "test.txt"))
+    calib = wikitext_windows(tok, args.nsamples, args.seqlen)
+    test = wikitext_test_ids(tok)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     rows = []
     by_label = {r[0]: r for r in RUNS}

@@ -6,7 +6,7 @@ float32, the demo's calibration: pydoc topics, 16 x 256 tokens), under one named
     threads1          --threads 1
     threads2          --threads 2 (what the workflow passed before: every core to one job)
     threads2-passive  --threads 2 with OMP_WAIT_POLICY=PASSIVE (threads sleep at barriers, never spin)
-    auto              no --threads: wanda-core's own choice (cores that are free, see cli.default_threads)
+    auto              no --threads: wanda-core's own choice (as many threads as cores are idle, see set_threads)
 
 Conditions: `--busy 0,1` runs everything with no and with one extra process that keeps one core busy
 (single-threaded matrix products, as another job or user would). Runs alternate over settings inside

@@ -1,15 +1,16 @@
 """Time the block masks on one LLaMA-7B MLP-sized score matrix; prints JSON.
 
     python bench/bench_three_tier.py [--rows 4096 --cols 11008 --repeats 5]
+
+Writes bench/results/three_tier_<cpu|cuda>.json.
 """
 import argparse
-import json
-import os
 import statistics
 import time
 
 import torch
 
+from common import loadavg, machine_note, write_result
 from wanda_core.block_masks import block_mask, block_topk_mask, hybrid_nm_mask, three_tier_mask
 
 CASES = {
@@ -39,13 +40,13 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
 
+    start = loadavg()
     torch.manual_seed(0)
     score = torch.rand(args.rows, args.cols)  # float32
     result = {
         "shape": [args.rows, args.cols],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "loadavg_1min": round(os.getloadavg()[0], 2),  # the CPU may be shared: context for the numbers
         "repeats": args.repeats,
         "cpu_seconds": {name: median_seconds(fn, score, args.repeats, lambda: None) for name, fn in CASES.items()},
     }
@@ -58,7 +59,8 @@ def main():
         cuda = score.cuda()
         result["cuda_device"] = torch.cuda.get_device_name()
         result["cuda_seconds"] = {name: median_seconds(fn, cuda, args.repeats, torch.cuda.synchronize) for name, fn in CASES.items()}
-    print(json.dumps(result, indent=1))
+    result["machine"] = machine_note(start)  # the CPU may be shared: the load is context for the numbers
+    write_result(f"three_tier_{'cuda' if torch.cuda.is_available() else 'cpu'}", result)
 
 
 if __name__ == "__main__":

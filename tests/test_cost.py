@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from snakemake.benchmark import BenchmarkRecord, write_benchmark_records
 
 import wanda_core as wc

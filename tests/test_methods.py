@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import wanda_core as wc
 from wanda_core.masks import parse_pattern
 from wanda_core.methods import METHODS, Stats, magnitude, sparsegpt, wanda
 

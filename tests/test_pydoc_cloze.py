@@ -5,8 +5,6 @@ import math
 from collections import Counter
 from pathlib import Path
 
-import pytest
-
 from wanda_core.data import pydoc_topics
 
 TASKS = Path(__file__).resolve().parents[1] / "workflow" / "tasks"

@@ -2,7 +2,6 @@
 import math
 
 import pytest
-import torch
 
 import wanda_core as wc
 
@@ -53,7 +52,7 @@ def test_ordering_dense_wanda_magnitude_sparsegpt(ppl):
 
 def test_three_tier_on_a_real_model(ppl):
     # Finite and worse than dense. Against magnitude 50% it is a near-tie on this 135M model
-    # (the 20% top-15 blocks cost a lot), so that ordering is reported by bench/ppl_smollm2.py, not asserted.
+    # (the 20% top-15 blocks cost a lot), so that ordering is reported by bench/bench_methods_smollm2.py, not asserted.
     dense, _ = ppl("dense")
     three, report = ppl("three_tier")
     print(f"\nthree_tier PPL {three:.2f}, sparsity {report['sparsity']:.4f}")

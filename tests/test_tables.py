@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from wanda_core import grid, io, tables
+from wanda_core import aggregate, grid, io, tables
 from wanda_core.errors import WandaError
 
 OUT_KEYS = {"benchmark": ".parquet", "table": ".md", "csv": ".csv", "html": ".html", "zeroshot_table": ".md",
@@ -72,7 +72,7 @@ class Results:
 
     def aggregate(self, config, keys=OUT_KEYS):
         out = {k: str(self.root / f"out-{k}{ext}") for k, ext in keys.items()}
-        text = tables.aggregate(self.ppl, self.reports, self.zeroshot, config, out, self.layers)
+        text = aggregate.aggregate(self.ppl, self.reports, self.zeroshot, config, out, self.layers)
         return text, out
 
 

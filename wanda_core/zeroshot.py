@@ -12,9 +12,6 @@ from .io import write_json
 
 log = logging.getLogger("wanda_core")
 
-# The seven tasks of the Wanda paper's zero-shot table.
-PAPER_TASKS = ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
-
 
 def _lm_eval():
     try:

@@ -1,7 +1,7 @@
-# Snakemake script: hands the rule's files to wanda_core.tables.aggregate and prints the tables.
+# Snakemake script: hands the rule's files to wanda_core.aggregate.aggregate and prints the tables.
 import sys
 
-from wanda_core.tables import aggregate
+from wanda_core.aggregate import aggregate
 
 with open(snakemake.log[0], "w") as log:
     sys.stderr = log
