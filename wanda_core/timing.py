@@ -41,8 +41,8 @@ class PhaseTimer:
 
     def split(self, total: float) -> dict:
         """The phases' seconds, and what none of them covers (model moves, bookkeeping) as 'other'."""
-        out = {k: round(v, 3) for k, v in self.seconds.items()}
-        out["other"] = round(max(total - sum(self.seconds.values()), 0.0), 3)
+        out = {k: round(v, 6) for k, v in self.seconds.items()}  # microseconds: a tiny phase is still > 0
+        out["other"] = round(max(total - sum(self.seconds.values()), 0.0), 6)
         return out
 
 
