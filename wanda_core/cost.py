@@ -22,7 +22,6 @@ from pathlib import Path
 import pandas as pd
 
 from . import grid
-from .grid import MATCH
 
 # Snakemake's benchmark columns -> ours (seconds, seconds, MiB)
 BENCHMARK_COLUMNS = {"s": "wall_s", "cpu_time": "cpu_s", "max_rss": "max_rss_mib"}
